@@ -1,0 +1,86 @@
+"""What a checkpoint directory is, read without loading its weights.
+
+The gateway validates requests against the card (context length, tokenizer)
+without torch; the engine loads weights on top of it. Nothing is ever fetched
+from a hub: every path is a local directory and a missing piece is an error
+that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SHIPPED_MODEL = "dexcode-6m"
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be served, with the reason."""
+
+
+def shipped_model_dir() -> Path:
+    import dexserve.models
+
+    return Path(dexserve.models.__file__).parent / SHIPPED_MODEL
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """`None` (or the shipped model's name) means the model this project ships."""
+    if model is None or str(model) == SHIPPED_MODEL:
+        return shipped_model_dir()
+    return Path(model)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    path: Path
+    model_type: str
+    num_layers: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    config: dict
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None) -> "ModelCard":
+        path = resolve_model_dir(model)
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory not found: {path}")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+        model_type = config.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(
+                f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if not (list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+            raise ModelLoadError(f"{path} has no *.safetensors weights")
+        if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+            raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model)")
+        eos = config.get("eos_token_id")
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(name=path.name, path=path, model_type=model_type,
+                   num_layers=int(config["num_hidden_layers"]), vocab_size=int(config["vocab_size"]),
+                   max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+                   eos_token_ids=eos_ids, config=config)
+
+    def tokenizer(self):
+        """The checkpoint's own tokenizer, offline."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as exc:  # transformers raises many types here
+            raise ModelLoadError(f"{self.path}: tokenizer failed to load: {exc}") from exc

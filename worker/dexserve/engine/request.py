@@ -1,0 +1,75 @@
+"""What a caller hands the engine and what it gets back, independent of transport.
+
+The gateway validates against the same limits (`Engine.validate`), the worker
+maps queue messages to `GenerationRequest`, and the engine answers with
+`TokenEvent`s and one `Finished` per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"      # max_new_tokens reached
+    EOS = "eos"            # the model emitted its end-of-sequence token
+    STOP = "stop"          # a stop string appeared in the text
+    CANCELLED = "cancelled"
+    CONTEXT = "context"    # the context window is full
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. Noise is drawn per (seed, position), so a
+    request with the same seed reproduces its tokens exactly, on any worker."""
+
+    temperature: float = 0.0
+    top_k: int = 0          # 0 = off
+    top_p: float = 1.0      # 1.0 = off
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str = ""
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    prompt_ids: tuple[int, ...] | None = None  # when set, used instead of tokenizing `prompt`
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One committed token. `index` counts generated tokens from 0; `text` is the
+    text delta it releases (possibly empty while a stop string or a UTF-8
+    sequence is still incomplete)."""
+
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # the trailing text released at finish (held-back text, if any)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run. `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
