@@ -1,0 +1,166 @@
+{{/* Names are truncated to 63 chars: DNS-1123 label limit for Service names. */}}
+{{- define "dex.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dex.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dex.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "dex.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dexserve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels for one component (gateway | worker | redis). Immutable once deployed. */}}
+{{- define "dex.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dex.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dex.componentLabels" -}}
+{{ include "dex.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dex.image" -}}
+{{- $tag := default .root.Chart.AppVersion .image.tag -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+
+{{- define "dex.workerServiceAccountName" -}}
+{{- if .Values.worker.serviceAccount.create -}}
+{{- default (printf "%s-worker" (include "dex.fullname" .)) .Values.worker.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.worker.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dex.redisHost" -}}
+{{- printf "%s-redis" (include "dex.fullname" .) -}}
+{{- end -}}
+
+{{/* Secret holding the Redis password (internal) or url/address/password (external). */}}
+{{- define "dex.redisSecretName" -}}
+{{- if .Values.redis.internal.enabled -}}
+{{- default (printf "%s-redis" (include "dex.fullname" .)) .Values.redis.internal.auth.existingSecret -}}
+{{- else -}}
+{{- required "redis.external.existingSecret is required when redis.internal.enabled=false" .Values.redis.external.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dex.redisPasswordKey" -}}
+{{- if .Values.redis.internal.enabled -}}
+{{- .Values.redis.internal.auth.passwordKey -}}
+{{- else -}}
+{{- .Values.redis.external.passwordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Redis connection env shared by gateway and worker. REDIS_ADDRESS (host:port) is what
+KEDA's redis-streams trigger reads through addressFromEnv; REDIS_URL is what the
+processes use. Internal mode builds the URL with $(REDIS_PASSWORD) dependent expansion.
+*/}}
+{{- define "dex.redisEnv" -}}
+{{- if .Values.redis.internal.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dex.redisSecretName" . }}
+      key: {{ include "dex.redisPasswordKey" . }}
+- name: REDIS_ADDRESS
+  value: {{ printf "%s:6379" (include "dex.redisHost" .) | quote }}
+- name: REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "dex.redisHost" .) | quote }}
+{{- else }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dex.redisSecretName" . }}
+      key: {{ .Values.redis.external.passwordKey }}
+      optional: true
+- name: REDIS_ADDRESS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dex.redisSecretName" . }}
+      key: {{ .Values.redis.external.addressKey }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dex.redisSecretName" . }}
+      key: {{ .Values.redis.external.urlKey }}
+{{- end }}
+- name: DEX_REQUEST_STREAM
+  value: {{ .Values.queue.stream | quote }}
+- name: DEX_CONSUMER_GROUP
+  value: {{ .Values.queue.consumerGroup | quote }}
+{{- end -}}
+
+{{- define "dex.otelEnv" -}}
+{{- if .root.Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .root.Values.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .root.Values.otel.protocol | quote }}
+{{- end }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "dexserve-%s" .component | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "service.namespace=%s,service.version=%s,deployment.environment=%s,k8s.namespace.name=$(DEX_POD_NAMESPACE),k8s.pod.name=$(DEX_POD_NAME)%s" .root.Release.Namespace .root.Chart.AppVersion .root.Values.otel.environment (ternary (printf ",%s" .root.Values.otel.resourceAttributes) "" (ne .root.Values.otel.resourceAttributes "")) | quote }}
+{{- end -}}
+
+{{- define "dex.podEnv" -}}
+- name: DEX_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: DEX_POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end -}}
+
+{{- define "dex.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "dex.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "dex.prometheusAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: "/metrics"
+{{- end }}
+{{- end -}}
