@@ -1,0 +1,242 @@
+"""Key properties of the rendered chart (what the issue asks for, asserted on real output)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from dexserve.kube.pod_guard import BUSY_PATCH, REQUIRED_VERBS
+
+from ._chart import CHART, GPU_KEDA_VALUES, find, helm, kinds, needs_helm, render
+
+pytestmark = needs_helm
+
+PROFILES = {"defaults": (), "gpu-keda": (GPU_KEDA_VALUES,)}
+
+
+def _pod_spec(docs, suffix: str) -> dict:
+    return find(docs, "Deployment", suffix)["spec"]["template"]["spec"]
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container["env"]}
+
+
+@pytest.mark.parametrize("values", PROFILES.values(), ids=PROFILES.keys())
+def test_gpu_request_equals_explorers(values) -> None:
+    explorers = yaml.safe_load(GPU_KEDA_VALUES.read_text())["worker"]["explorers"] if values else 1
+    c = _pod_spec(render(*values), "-worker")["containers"][0]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == str(explorers)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(explorers)
+    assert _env(c)["DEX_EXPLORERS"]["value"] == str(explorers)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_gpu_request_tracks_explorers_value(n: int) -> None:
+    c = _pod_spec(render(sets=(f"worker.explorers={n}",)), "-worker")["containers"][0]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == str(n) == _env(c)["DEX_EXPLORERS"]["value"]
+
+
+def test_worker_gpu_pool_placement_and_shm() -> None:
+    docs = render(GPU_KEDA_VALUES)
+    spec = _pod_spec(docs, "-worker")
+    pool = find(docs, "NodePool")["metadata"]["name"]
+    assert spec["nodeSelector"]["karpenter.sh/nodepool"] == pool
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["values"] == [pool]
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
+    sp = spec["containers"][0]["startupProbe"]
+    assert sp["periodSeconds"] * sp["failureThreshold"] >= 600, "startup probe must allow >= 10 min for model load"
+    assert spec["terminationGracePeriodSeconds"] >= 300
+
+
+def test_karpenter_nodepool_gpu_taint_families_limits() -> None:
+    np_ = find(render(GPU_KEDA_VALUES), "NodePool")["spec"]
+    tspec = np_["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"} in tspec["taints"]
+    fam = next(r for r in tspec["requirements"] if r["key"] == "karpenter.k8s.aws/instance-family")
+    assert fam["operator"] == "In" and fam["values"]  # CEL rule: 'In' needs values
+    assert np_["limits"]["nvidia.com/gpu"]
+    assert tspec["nodeClassRef"] == {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"}
+
+
+def test_keda_redis_streams_lag_count_and_scale_to_zero() -> None:
+    docs = render(GPU_KEDA_VALUES)
+    so = find(docs, "ScaledObject")["spec"]
+    assert so["scaleTargetRef"]["name"] == find(docs, "Deployment", "-worker")["metadata"]["name"]
+    assert so["minReplicaCount"] == 0 and so["maxReplicaCount"] == 16
+    (trig,) = so["triggers"]
+    assert trig["type"] == "redis-streams"
+    md = trig["metadata"]
+    assert md["stream"] == "dex:requests" and md["consumerGroup"] == "dex-workers"
+    assert md["lagCount"] == "2" and md["activationLagCount"] == "0"
+    assert "pendingEntriesCount" not in md, "pending counts cannot drive scaling; lagCount mode only"
+    assert md["addressFromEnv"] == "REDIS_ADDRESS"
+    worker_env = _env(_pod_spec(docs, "-worker")["containers"][0])
+    assert "REDIS_ADDRESS" in worker_env, "addressFromEnv reads the scale target's env"
+    behavior = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > 0
+    ta = find(docs, "TriggerAuthentication")
+    assert trig["authenticationRef"]["name"] == ta["metadata"]["name"]
+    (ref,) = ta["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password" and ref["name"] == find(docs, "Secret", "-redis")["metadata"]["name"]
+    # KEDA owns replicas: the Deployment must not fight it.
+    assert "replicas" not in find(docs, "Deployment", "-worker")["spec"]
+
+
+def test_keda_min_replicas_without_scale_to_zero() -> None:
+    so = find(render(GPU_KEDA_VALUES, sets=("keda.scaleToZero=false", "keda.minReplicas=2")), "ScaledObject")
+    assert so["spec"]["minReplicaCount"] == 2
+    res = helm("template", "dex", str(CHART), "--set", "keda.enabled=true,keda.minReplicas=0", check=False)
+    assert res.returncode != 0 and "scaleToZero" in res.stderr
+
+
+@pytest.mark.parametrize("values", PROFILES.values(), ids=PROFILES.keys())
+def test_pdb_selects_workers(values) -> None:
+    docs = render(*values)
+    pdb = find(docs, "PodDisruptionBudget")
+    worker = find(docs, "Deployment", "-worker")
+    assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+
+
+def test_networkpolicy_lets_only_gateway_and_worker_reach_redis() -> None:
+    docs = render()
+    netpol = find(docs, "NetworkPolicy")["spec"]
+    redis = find(docs, "StatefulSet", "-redis")
+    assert netpol["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert netpol["policyTypes"] == ["Ingress"]
+    (rule,) = netpol["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert expr["key"] == "app.kubernetes.io/component" and sorted(expr["values"]) == ["gateway", "worker"]
+    # Those labels really are on the gateway and worker pods.
+    for suffix in ("-gateway", "-worker"):
+        labels = find(docs, "Deployment", suffix)["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] in expr["values"]
+        assert labels["app.kubernetes.io/instance"] == peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+
+
+def test_redis_statefulset_aof_and_pvc() -> None:
+    sts = find(render(), "StatefulSet", "-redis")["spec"]
+    c = sts["template"]["spec"]["containers"][0]
+    assert c["image"].startswith("redis:7.2")
+    assert "--appendonly" in c["args"] and c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    assert sts["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_external_redis_url_from_secret() -> None:
+    docs = render(sets=("redis.internal.enabled=false", "redis.external.existingSecret=ext-redis"))
+    assert "StatefulSet" not in kinds(docs) and "NetworkPolicy" not in kinds(docs)
+    for suffix in ("-gateway", "-worker"):
+        env = _env(_pod_spec(docs, suffix)["containers"][0])
+        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "ext-redis", "key": "url"}
+
+
+def test_rbac_grants_exactly_what_pod_guard_needs() -> None:
+    docs = render()
+    role = find(docs, "Role")
+    (rule,) = role["rules"]
+    assert rule == {"apiGroups": [""], "resources": ["pods"], "verbs": sorted(REQUIRED_VERBS)}
+    # PodGuard only ever touches metadata.annotations of its own pod.
+    assert set(BUSY_PATCH) == {"metadata"} and set(BUSY_PATCH["metadata"]) == {"annotations"}
+    binding = find(docs, "RoleBinding")
+    sa = find(docs, "ServiceAccount")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "serving"}]
+    worker = _pod_spec(docs, "-worker")
+    assert worker["serviceAccountName"] == sa["metadata"]["name"]
+    env = _env(worker["containers"][0])
+    assert env["DEX_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["DEX_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert not any(d["kind"] in {"ClusterRole", "ClusterRoleBinding"} for d in docs)
+
+
+@pytest.mark.parametrize("values", PROFILES.values(), ids=PROFILES.keys())
+def test_restricted_security_context(values) -> None:
+    docs = render(*values)
+    for d in docs:
+        if d["kind"] not in {"Deployment", "StatefulSet"}:
+            continue
+        spec = d["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, d["metadata"]["name"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "add" not in sc["capabilities"]
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"):
+            assert spec["automountServiceAccountToken"] is False
+
+
+def test_gateway_grpc_probes_ports_and_env() -> None:
+    docs = render(GPU_KEDA_VALUES)
+    c = _pod_spec(docs, "-gateway")["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": 50051}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9464}
+    env = _env(c)
+    assert env["DEX_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dex-auth", "key": "token"}
+    svc = find(docs, "Service", "-gateway")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"] == 50051
+    ing = find(docs, "Ingress")
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+@pytest.mark.parametrize("suffix,port", [("-gateway", 9464), ("-worker", 9465)])
+def test_otel_and_metrics_env_on_both_deployments(suffix: str, port: int) -> None:
+    docs = render(GPU_KEDA_VALUES)
+    tmpl = find(docs, "Deployment", suffix)["spec"]["template"]
+    env = _env(tmpl["spec"]["containers"][0])
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability.svc:4317"
+    assert env["OTEL_SERVICE_NAME"]["value"] == f"dexserve{suffix}"
+    assert "k8s.cluster.name=ci" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    assert env["DEX_METRICS_PORT"]["value"] == str(port)
+    assert tmpl["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    names = list(env)
+    # $(VAR) expansion only sees variables defined earlier in the list.
+    assert names.index("DEX_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    if "REDIS_PASSWORD" in env:
+        assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
+
+
+def test_optional_kinds_render_when_enabled() -> None:
+    """ServiceMonitor and GRPCRoute have no stored schema, so they stay off in the validated
+    profiles; here their wiring is asserted directly."""
+    docs = render(sets=(
+        "metrics.serviceMonitor.enabled=true",
+        "gateway.grpcRoute.enabled=true",
+        "gateway.grpcRoute.parentRefs[0].name=public-gw",
+    ))
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 2
+    services = [d for d in docs if d["kind"] == "Service"]
+    for m in monitors:
+        sel = m["spec"]["selector"]["matchLabels"]
+        matched = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+        assert matched and all("metrics" in {p["name"] for p in s["spec"]["ports"]} for s in matched)
+    route = find(docs, "GRPCRoute")
+    assert route["spec"]["parentRefs"] == [{"name": "public-gw"}]
+    assert route["spec"]["rules"][0]["backendRefs"][0]["port"] == 50051
+
+
+def test_dashboards_configmap_loads_every_json(tmp_path) -> None:
+    chart = tmp_path / "dexserve"
+    shutil.copytree(CHART, chart)
+    for f in (chart / "dashboards").glob("*.json"):
+        f.unlink()
+    (chart / "dashboards" / "a.json").write_text('{"title": "A"}')
+    (chart / "dashboards" / "b.json").write_text('{"title": "B"}')
+    (chart / "dashboards" / "notes.txt").write_text("ignored")
+    out = helm("template", "dex", str(chart)).stdout
+    cms = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "ConfigMap"]
+    (cm,) = cms
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert set(cm["data"]) == {"a.json", "b.json"}
+    assert cm["data"]["a.json"] == '{"title": "A"}'
