@@ -1,0 +1,90 @@
+"""Python client for DexService, and `dex generate --server ADDR`.
+
+`stream_generate` yields GenerateChunk messages as they arrive; `complete`
+returns the whole CompleteResponse. Both take the same keyword arguments as
+GenerateRequest's fields, plus `token` (bearer) and `tls_ca` (PEM path; TLS
+when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from dexserve.queue.codec import finish_reason_name
+from dexserve.v1 import dex_pb2 as pb
+from dexserve.v1 import dex_pb2_grpc
+
+
+def channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
+    if tls_ca:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+    return grpc.insecure_channel(address)
+
+
+def build_request(prompt: str, *, model: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float | None = None, seed: int = 0, stop: list[str] | tuple = (),
+                  request_id: str = "") -> pb.GenerateRequest:
+    req = pb.GenerateRequest(model=model or "", prompt=prompt, temperature=temperature, top_k=top_k, seed=seed,
+                             stop=list(stop), request_id=request_id)
+    if max_new_tokens is not None:
+        req.max_new_tokens = max_new_tokens
+    if top_p is not None:
+        req.top_p = top_p
+    return req
+
+
+def _metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def stream_generate(address: str, prompt: str, *, token: str | None = None, tls_ca: str | None = None,
+                    timeout: float | None = None, **fields) -> Iterator[pb.GenerateChunk]:
+    with channel(address, tls_ca) as ch:
+        stub = dex_pb2_grpc.DexServiceStub(ch)
+        yield from stub.Generate(build_request(prompt, **fields), metadata=_metadata(token), timeout=timeout)
+
+
+def complete(address: str, prompt: str, *, token: str | None = None, tls_ca: str | None = None,
+             timeout: float | None = None, **fields) -> pb.CompleteResponse:
+    with channel(address, tls_ca) as ch:
+        stub = dex_pb2_grpc.DexServiceStub(ch)
+        return stub.Complete(build_request(prompt, **fields), metadata=_metadata(token), timeout=timeout)
+
+
+def run_generate_cli(args: argparse.Namespace) -> int:
+    """`dex generate --server ADDR`: stream text to stdout, or one JSON object
+    with --json. --mode/--explorers/--width are the server's choice and ignored here."""
+    fields = dict(model=getattr(args, "model", None) or "", max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature or 0.0, top_k=args.top_k or 0, top_p=args.top_p,
+                  seed=args.seed or 0, stop=args.stop or [])
+    ids: list[int] = []
+    texts: list[str] = []
+    reason = ""
+    usage = None
+    try:
+        for chunk in stream_generate(args.server, args.prompt, token=getattr(args, "token", None),
+                                     tls_ca=getattr(args, "tls_ca", None), **fields):
+            ids.extend(chunk.token_ids)
+            texts.append(chunk.text)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            if chunk.finish_reason:
+                reason = finish_reason_name(chunk.finish_reason)
+                usage = chunk.usage
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"text": "".join(texts), "token_ids": ids, "finish_reason": reason,
+                          "usage": {"prompt_tokens": usage.prompt_tokens if usage else 0,
+                                    "completion_tokens": usage.completion_tokens if usage else 0}}))
+    else:
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,5 @@
+"""`dex worker`: one worker process (flags in dexserve.worker.config)."""
+
+from dexserve.worker.config import add_arguments, run
+
+__all__ = ["add_arguments", "run"]

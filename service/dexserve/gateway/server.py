@@ -1,0 +1,132 @@
+"""Assemble and run the gateway: DexService, health, reflection, auth, TLS.
+
+`Gateway.start` is what `dex gateway` runs and what tests and the benchmark
+start in-process (`BackgroundGateway` runs one on its own event-loop thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dexserve.engine.model_card import ModelCard
+from dexserve.engine.validation import Limits
+from dexserve.gateway.auth import BearerAuth
+from dexserve.gateway.config import GatewayConfig
+from dexserve.gateway.observer import GatewayObserver
+from dexserve.gateway.servicer import DexServicer, Served
+from dexserve.gateway.wire import deserialize_generate_request
+from dexserve.queue.producer import RequestQueue
+from dexserve.v1 import dex_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DexService"].full_name
+HEALTH_PERIOD_S = 5.0
+
+
+def load_served(config: GatewayConfig) -> Served:
+    """The model card and a prompt-token counter from its own tokenizer,
+    so the context check counts exactly what the engine will."""
+    card = ModelCard.load(config.model)
+    tokenizer = card.tokenizer()
+    return Served(card=card, limits=Limits(max_context=config.max_context),
+                  count_tokens=lambda text: len(tokenizer.encode(text)))
+
+
+def _handlers(servicer: DexServicer) -> grpc.GenericRpcHandler:
+    """DexService's method table, with the lenient request deserializer."""
+    ser = lambda m: m.SerializeToString()  # noqa: E731
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=deserialize_generate_request, response_serializer=ser),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=deserialize_generate_request, response_serializer=ser),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=pb.ListModelsRequest.FromString, response_serializer=ser),
+    })
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    redis: aioredis.Redis
+    health: health.aio.HealthServicer
+    _monitor: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, config: GatewayConfig, observer: GatewayObserver | None = None,
+                    served: Served | None = None) -> "Gateway":
+        served = served or await asyncio.to_thread(load_served, config)
+        client = aioredis.Redis.from_url(config.redis_url, max_connections=None)
+        queue = RequestQueue(client, config.names, config.settings)
+        servicer = DexServicer(queue, served, observer)
+        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors)
+        server.add_generic_rpc_handlers((_handlers(servicer),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                  Path(config.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        gw = cls(server, port, client, health_servicer)
+        gw._monitor = asyncio.create_task(gw._watch_redis())
+        return gw
+
+    async def _watch_redis(self) -> None:
+        """SERVING while Redis answers: a gateway that cannot enqueue fails its probe."""
+        status = health_pb2.HealthCheckResponse
+        while True:
+            try:
+                await self.redis.ping()
+                state = status.SERVING
+            except Exception:
+                state = status.NOT_SERVING
+            for name in ("", SERVICE):
+                await self.health.set(name, state)
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.redis.aclose()
+
+
+class BackgroundGateway:
+    """A gateway on its own event-loop thread, for tests and the benchmark."""
+
+    def __init__(self, config: GatewayConfig, observer: GatewayObserver | None = None,
+                 served: Served | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
+        self._thread.start()
+        self.gateway: Gateway = asyncio.run_coroutine_threadsafe(
+            Gateway.start(config, observer, served), self._loop).result(timeout=120)
+        self.port = self.gateway.port
+        self.address = f"{config.host}:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(0.5), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+

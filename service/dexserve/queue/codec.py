@@ -1,0 +1,83 @@
+"""Protobuf ⇄ engine types, at the queue edge and nowhere else.
+
+The gateway fills defaults and validates the engine form of a request; the
+worker decodes the same proto into the same `GenerationRequest`. Both go
+through `to_generation_request`, so they cannot disagree about a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from dexserve.engine.request import FinishReason, Finished, GenerationRequest, SamplingParams, TokenEvent
+from dexserve.v1 import dex_pb2 as pb
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+_TO_PB = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
+}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+
+
+def finish_reason_to_pb(reason: FinishReason) -> int:
+    return _TO_PB[FinishReason(reason)]
+
+
+def finish_reason_from_pb(value: int) -> FinishReason | None:
+    return _FROM_PB.get(value)
+
+
+def finish_reason_name(value: int) -> str:
+    """`FINISH_REASON_LENGTH` → `length` (what clients print)."""
+    reason = _FROM_PB.get(value)
+    return reason.value if reason else ""
+
+
+def with_defaults(req: pb.GenerateRequest, request_id: str, model: str) -> pb.GenerateRequest:
+    """A copy with every optional field explicit: what goes on the queue."""
+    out = pb.GenerateRequest()
+    out.CopyFrom(req)
+    out.request_id = request_id
+    out.model = model
+    if not out.HasField("max_new_tokens"):
+        out.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if not out.HasField("top_p"):
+        out.top_p = 1.0
+    return out
+
+
+def to_generation_request(req: pb.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS,
+        sampling=SamplingParams(
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p if req.HasField("top_p") else 1.0,
+            seed=req.seed,
+        ),
+        stop=tuple(req.stop),
+    )
+
+
+def fingerprint(req: pb.GenerateRequest) -> bytes:
+    """Identity of a request for idempotent attach: same id + same body attaches."""
+    return hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest().encode()
+
+
+def token_messages(tokens: list[TokenEvent]) -> list[pb.TokenMessage]:
+    return [pb.TokenMessage(index=t.index, token_id=t.token_id, text=t.text) for t in tokens]
+
+
+def finish_message(fin: Finished) -> pb.FinishMessage:
+    return pb.FinishMessage(
+        reason=finish_reason_to_pb(fin.reason),
+        usage=pb.Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens),
+        text=fin.text,
+    )

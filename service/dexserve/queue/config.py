@@ -1,0 +1,52 @@
+"""Queue flags and environment, shared by `dex gateway`, `dex worker` and `dex up`.
+
+Every process of one deployment must agree on these, so they are parsed in
+one place. Flags win over environment variables, which win over defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dexserve.queue.protocol import QueueNames, QueueSettings
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    d = QueueSettings()
+    g = parser.add_argument_group("queue")
+    g.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), help="env REDIS_URL")
+    g.add_argument("--queue-prefix", default=os.environ.get("DEX_QUEUE_PREFIX", "dex"),
+                   help="key prefix (env DEX_QUEUE_PREFIX)")
+    g.add_argument("--queue-maxlen", type=int, default=_env_int("DEX_QUEUE_MAXLEN", d.maxlen),
+                   help="requests queued or in flight before RESOURCE_EXHAUSTED (env DEX_QUEUE_MAXLEN)")
+    g.add_argument("--claim-idle-ms", type=int, default=_env_int("DEX_CLAIM_IDLE_MS", d.claim_idle_ms),
+                   help="idle time after which a held request is claimed from its (dead) worker")
+    g.add_argument("--heartbeat-interval", type=float,
+                   default=float(os.environ.get("DEX_HEARTBEAT_INTERVAL", d.heartbeat_interval_s)))
+    g.add_argument("--max-attempts", type=int, default=_env_int("DEX_MAX_ATTEMPTS", d.max_attempts),
+                   help="deliveries before a request is dead-lettered")
+    g.add_argument("--token-ttl", type=int, default=_env_int("DEX_TOKEN_TTL_S", d.token_ttl_s))
+
+
+def queue_from_args(args: argparse.Namespace) -> tuple[QueueNames, QueueSettings]:
+    settings = QueueSettings(
+        maxlen=args.queue_maxlen, claim_idle_ms=args.claim_idle_ms,
+        heartbeat_interval_s=args.heartbeat_interval, max_attempts=args.max_attempts,
+        token_ttl_s=args.token_ttl, idempotency_ttl_s=args.token_ttl,
+        heartbeat_ttl_s=max(2, int(args.heartbeat_interval * 5)))
+    return QueueNames(args.queue_prefix), settings
+
+
+def queue_flags(args: argparse.Namespace) -> list[str]:
+    """The same settings as flags, for processes `dex up` starts."""
+    return ["--redis-url", args.redis_url, "--queue-prefix", args.queue_prefix,
+            "--queue-maxlen", str(args.queue_maxlen), "--claim-idle-ms", str(args.claim_idle_ms),
+            "--heartbeat-interval", str(args.heartbeat_interval), "--max-attempts", str(args.max_attempts),
+            "--token-ttl", str(args.token_ttl)]

@@ -1,0 +1,118 @@
+"""The gateway's side of the queue (redis.asyncio): submit, follow, release.
+
+`submit` is one Lua script so that idempotent attach, the length check
+(backpressure) and the XADD happen atomically: two retries with the same id
+can never both enqueue, and the stream never grows past `maxlen`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+from dexserve.queue.codec import fingerprint
+from dexserve.queue.protocol import EVENT_FIELD, REQUEST_FIELD, QueueNames, QueueSettings
+from dexserve.v1 import dex_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# KEYS: requests, idem, subs   ARGV: maxlen, payload, fingerprint, ttl
+_SUBMIT = """
+local prev = redis.call('GET', KEYS[2])
+if prev then
+  if prev ~= ARGV[3] then return {'conflict', ''} end
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  return {'attached', ''}
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'full', ''} end
+local id = redis.call('XADD', KEYS[1], '*', ARGV[5], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.call('SET', KEYS[3], 1, 'EX', ARGV[4])
+return {'enqueued', id}
+"""
+
+# KEYS: subs, cancel   ARGV: cancel_ttl, cancel(0/1)
+# The last client to leave an unfinished request cancels it; others just detach.
+_RELEASE = """
+local n = redis.call('DECR', KEYS[1])
+if n <= 0 and ARGV[2] == '1' then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class Submitted(enum.Enum):
+    ENQUEUED = "enqueued"
+    ATTACHED = "attached"
+
+
+class QueueFull(Exception):
+    """The request stream holds `maxlen` entries: answer RESOURCE_EXHAUSTED."""
+
+
+class IdConflict(Exception):
+    """The request id is in use by a request with a different body."""
+
+
+class RequestQueue:
+    def __init__(self, redis: aioredis.Redis, names: QueueNames, settings: QueueSettings) -> None:
+        self.redis = redis
+        self.names = names
+        self.settings = settings
+        self._submit = redis.register_script(_SUBMIT)
+        self._release = redis.register_script(_RELEASE)
+
+    async def submit(self, qreq: pb.QueuedRequest) -> Submitted:
+        rid = qreq.request_id
+        status, _ = await self._submit(
+            keys=[self.names.requests, self.names.idempotency(rid), self.names.subscribers(rid)],
+            args=[self.settings.maxlen, qreq.SerializeToString(), fingerprint(qreq.request),
+                  self.settings.idempotency_ttl_s, REQUEST_FIELD])
+        status = status.decode() if isinstance(status, bytes) else status
+        if status == "full":
+            raise QueueFull(f"request queue is full ({self.settings.maxlen} entries)")
+        if status == "conflict":
+            raise IdConflict(f"request_id {rid!r} is in use by a different request")
+        return Submitted(status)
+
+    async def events(self, request_id: str, block_ms: int = 5000) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
+        """Every event of the request's token stream from the start, as soon as
+        it is written (XREAD BLOCK). Survives Redis restarts by reconnecting and
+        resuming after the last id seen; ends only when the caller stops."""
+        key = self.names.tokens(request_id)
+        last = b"0-0"
+        backoff = 0.05
+        while True:
+            try:
+                reply = await self.redis.xread({key: last}, count=256, block=block_ms)
+                backoff = 0.05
+            except TRANSIENT as exc:
+                log.warning("token stream %s: %s; retrying", key, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield entry_id, pb.StreamEvent.FromString(fields[EVENT_FIELD])
+
+    async def release(self, request_id: str, cancel: bool) -> bool:
+        """Detach one client; with `cancel`, the last one out sets the cancel flag.
+        Returns whether the flag was set."""
+        done = await self._release(
+            keys=[self.names.subscribers(request_id), self.names.cancel(request_id)],
+            args=[self.settings.cancel_ttl_s, "1" if cancel else "0"])
+        return bool(done)
+
+    async def depth(self) -> int:
+        return int(await self.redis.xlen(self.names.requests))

@@ -1,0 +1,81 @@
+"""Names and timings of the queue protocol: the one home both sides import.
+
+Keys (prefix `dex` by default; tests use a prefix of their own):
+
+- `dex:requests`             Stream of QueuedRequest (field `m`), read by group `dex-workers`.
+- `dex:tokens:<id>`          Stream of StreamEvent (field `e`) for one request; EXPIRE token_ttl.
+- `dex:cancel:<id>`          String flag set by the gateway; checked by the worker every round.
+- `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach).
+- `dex:subs:<id>`            Number of clients attached to the request's token stream.
+- `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
+- `dex:dead`                 Stream of dead-lettered QueuedRequests (attempt set), MAXLEN ~ dead_maxlen.
+- `dex:worker:<consumer>`    Heartbeat key of a live worker, EXPIRE heartbeat_ttl.
+
+Only Redis 6.2 commands are used (XAUTOCLAIM, exclusive XRANGE ranges,
+XADD MAXLEN); nothing reads XINFO's `lag` (7.0+).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "dex-workers"
+REQUEST_FIELD = b"m"
+EVENT_FIELD = b"e"
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    prefix: str = "dex"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def tokens(self, request_id: str) -> str:
+        return f"{self.prefix}:tokens:{request_id}"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def idempotency(self, request_id: str) -> str:
+        return f"{self.prefix}:idem:{request_id}"
+
+    def subscribers(self, request_id: str) -> str:
+        return f"{self.prefix}:subs:{request_id}"
+
+    def attempts(self, request_id: str) -> str:
+        return f"{self.prefix}:attempts:{request_id}"
+
+    def worker(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
+    def workers_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Timings and bounds. The invariant that matters:
+    heartbeat_interval_s * 1000 < claim_idle_ms, so a live worker refreshes
+    the idle time of what it holds long before anyone may claim it."""
+
+    maxlen: int = 1000                 # request stream entries (queued + in flight) before RESOURCE_EXHAUSTED
+    token_ttl_s: int = 600             # a token stream outlives its request by this much (late attach, replay)
+    idempotency_ttl_s: int = 600       # how long a request id stays attachable
+    cancel_ttl_s: int = 600
+    claim_idle_ms: int = 10_000        # an entry idle this long belongs to a dead worker
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: int = 10
+    max_attempts: int = 3              # deliveries before a request is dead-lettered
+    dead_maxlen: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s * 1000 >= self.claim_idle_ms:
+            raise ValueError("heartbeat_interval_s must be well below claim_idle_ms")
+        if self.max_attempts < 1 or self.maxlen < 1:
+            raise ValueError("max_attempts and maxlen must be positive")

@@ -1,0 +1,65 @@
+"""`dex worker` flags (and `python -m dexserve.worker`): flags → the objects tests build directly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+
+import redis
+
+from dexserve.queue.config import add_queue_arguments, queue_from_args
+from dexserve.queue.consumer import WorkerQueue
+from dexserve.worker.engines import EngineChoice, make_engine
+from dexserve.worker.loop import Worker, default_pod_guard
+
+log = logging.getLogger("dexserve.worker")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, shared with `dex up` (which forwards them)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--engine", choices=("dex", "standin"), default=os.environ.get("DEX_ENGINE", "dex"))
+    g.add_argument("--model", default=os.environ.get("DEX_MODEL_DIR") or None,
+                   help="checkpoint directory (env DEX_MODEL_DIR; default: the shipped model)")
+    g.add_argument("--explorers", type=int, default=4)
+    g.add_argument("--width", type=int, default=8)
+    g.add_argument("--mode", default="dex")
+    g.add_argument("--executor", default="reference")
+    g.add_argument("--max-context", type=int, default=int(os.environ.get("DEX_MAX_CONTEXT", 512)))
+    g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)))
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--standin-delay", type=float, default=0.0, help="stand-in engine: seconds per round")
+    g.add_argument("--standin-poison", default=None, help="stand-in engine: prompts containing this fail")
+
+
+def engine_choice(args: argparse.Namespace) -> EngineChoice:
+    return EngineChoice(kind=args.engine, model_dir=args.model, explorers=args.explorers, width=args.width,
+                        mode=args.mode, max_context=args.max_context, max_batch=args.max_batch,
+                        executor=args.executor, compile=args.compile, standin_delay_s=args.standin_delay,
+                        standin_poison=args.standin_poison)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    add_queue_arguments(parser)
+    parser.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="consumer name in the group (default host-pid)")
+    parser.add_argument("--grace", type=float, default=float(os.environ.get("DEX_SHUTDOWN_GRACE_S", 30)),
+                        help="seconds to finish held requests after SIGTERM before handing them back")
+    parser.add_argument("--log-level", default=os.environ.get("DEX_LOG_LEVEL", "INFO"))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    names, settings = queue_from_args(args)
+    engine = make_engine(engine_choice(args))
+    client = redis.Redis.from_url(args.redis_url, health_check_interval=30)
+    worker = Worker(engine, WorkerQueue(client, names, settings, args.consumer),
+                    pod_guard=default_pod_guard(), grace_s=args.grace)
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
+    log.info("worker %s ready (engine %s, queue %s)", args.consumer, args.engine, names.requests)
+    return worker.run()

@@ -1,0 +1,261 @@
+"""The worker loop: maps queue entries to engine requests and rounds to events.
+
+Per iteration: take work while the engine has a free slot (stale claims
+first, then new entries), run one `engine.step()` over everything held,
+publish that round's tokens in one pipeline together with acks of finished
+entries and a read of the held requests' cancel flags, and cancel the
+flagged ones before the next round. A heartbeat thread keeps held entries
+fresh; an entry another worker claimed from us is dropped without publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from dexserve.engine.request import Finished, FinishReason, InvalidRequest
+from dexserve.queue.codec import finish_message, to_generation_request, token_messages
+from dexserve.queue.consumer import Entry, WorkerQueue
+from dexserve.v1 import dex_pb2 as pb
+from dexserve.worker.observer import WorkerObserver
+
+log = logging.getLogger(__name__)
+
+INVALID_ARGUMENT = 3
+IDLE_BLOCK_MS = 200
+
+
+class _NoGuard:
+    def mark_busy(self) -> None: ...
+    def mark_idle(self) -> None: ...
+
+
+def default_pod_guard():
+    """PodGuard (dexserve.kube.pod_guard) protects a busy pod from scale-down;
+    outside Kubernetes, or before that module exists, a no-op."""
+    try:
+        from dexserve.kube.pod_guard import PodGuard
+    except ImportError:
+        return _NoGuard()
+    try:
+        return PodGuard.from_env()
+    except Exception:  # a guard that cannot start must not stop the worker
+        log.exception("PodGuard unavailable; continuing without it")
+        return _NoGuard()
+
+
+@dataclass
+class Held:
+    entry: Entry
+    attempt: int
+    started: float
+
+
+class Worker:
+    def __init__(self, engine, queue: WorkerQueue, observer: WorkerObserver | None = None,
+                 pod_guard=None, grace_s: float = 30.0) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.settings = queue.settings
+        self.observer = observer or WorkerObserver()
+        self.pod_guard = pod_guard or _NoGuard()
+        self.grace_s = grace_s
+        self.held: dict[str, Held] = {}
+        self._lock = threading.Lock()          # guards `held` against the heartbeat thread's snapshot
+        self._lost: set[bytes] = set()
+        self._stop = threading.Event()           # no new work
+        self._exit = threading.Event()           # the loop has ended: heartbeats stop
+        self._stop_deadline: float | None = None
+        self._next_claim = 0.0
+
+    # ---- lifecycle -------------------------------------------------------
+    def request_stop(self) -> None:
+        """SIGTERM: take no new work; finish what is held within the grace period."""
+        if not self._stop.is_set():
+            self._stop_deadline = time.monotonic() + self.grace_s
+            self._stop.set()
+
+    def run(self) -> int:
+        self.queue.ensure_group()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while True:
+                if self._stop.is_set():
+                    if not self.held or time.monotonic() >= (self._stop_deadline or 0):
+                        break
+                else:
+                    self._take()
+                self._drop_lost()
+                if self.engine.active:
+                    self._round()
+        finally:
+            self._hand_back_all()
+            self._exit.set()
+            beat.join(timeout=2)
+            self.queue.leave()
+        return 0
+
+    # ---- taking work -----------------------------------------------------
+    def _take(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_claim and self.engine.has_capacity():
+            self._next_claim = now + self.settings.claim_idle_ms / 2000
+            for entry in self.queue.claim_stale(count=4):
+                self._start(entry, claimed=True)
+        while self.engine.has_capacity() and not self._stop.is_set():
+            entries = self.queue.read_new(1, None if self.held else IDLE_BLOCK_MS)
+            if not entries:
+                return
+            self._start(entries[0], claimed=False)
+
+    def _start(self, entry: Entry, claimed: bool) -> None:
+        if entry.request is None:
+            self.queue.dead_letter(entry, 0, f"undecodable queue entry {entry.entry_id!r}")
+            return
+        rid = entry.request_id
+        if rid in self.held:
+            if self.held[rid].entry.entry_id != entry.entry_id:   # a second copy of a request we run
+                self.queue.publish_round({}, {rid: entry.entry_id}, [])
+            return
+        attempt = self.queue.begin_attempt(rid)
+        if claimed:
+            self.observer.on_claim(rid, attempt)
+        if attempt > self.settings.max_attempts:
+            msg = f"request {rid} dead-lettered after {attempt - 1} failed attempts"
+            log.warning(msg)
+            self.queue.dead_letter(entry, attempt - 1, msg)
+            self.observer.on_request_failed(rid, 10, msg)
+            return
+        req = entry.request
+        expired = req.deadline_unix_ms and req.deadline_unix_ms < time.time() * 1000
+        if expired or self.queue.is_cancelled(rid):
+            self._finish_unstarted(entry, attempt)
+            return
+        try:
+            self.engine.add(to_generation_request(req.request))
+        except InvalidRequest as exc:
+            self.queue.fail(entry, INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
+            self.observer.on_request_failed(rid, INVALID_ARGUMENT, str(exc))
+            return
+        except Exception:
+            # Left pending and not refreshed: claimed again after claim_idle_ms,
+            # which counts an attempt, so a request that always fails is dead-lettered.
+            log.exception("engine refused %s (attempt %d); leaving it for a retry", rid, attempt)
+            return
+        with self._lock:
+            self.held[rid] = Held(entry, attempt, time.monotonic())
+            if len(self.held) == 1:
+                self.pod_guard.mark_busy()
+        self.observer.on_request_start(req, attempt)
+
+    def _finish_unstarted(self, entry: Entry, attempt: int) -> None:
+        fin = Finished(entry.request_id, FinishReason.CANCELLED, 0, 0)
+        event = pb.StreamEvent(attempt=attempt, commit_unix_nanos=time.time_ns(), finish=finish_message(fin))
+        self.queue.publish_round({entry.request_id: event}, {entry.request_id: entry.entry_id}, [])
+        self.observer.on_request_finish(entry.request_id, fin)
+
+    # ---- rounds ----------------------------------------------------------
+    def _round(self) -> None:
+        result = self.engine.step()
+        now = time.time_ns()
+        events: dict[str, pb.StreamEvent] = {}
+
+        def event(rid: str) -> pb.StreamEvent:
+            if rid not in events:
+                held = self.held.get(rid)
+                events[rid] = pb.StreamEvent(attempt=held.attempt if held else 0, commit_unix_nanos=now)
+            return events[rid]
+
+        by_request: dict[str, list] = {}
+        for tok in result.tokens:
+            by_request.setdefault(tok.request_id, []).append(tok)
+        for rid, toks in by_request.items():
+            event(rid).tokens.extend(token_messages(toks))
+        done: dict[str, bytes] = {}
+        for fin in result.finished:
+            event(fin.request_id).finish.CopyFrom(finish_message(fin))
+            if fin.request_id in self.held:
+                done[fin.request_id] = self.held[fin.request_id].entry.entry_id
+        watch = [rid for rid in self.held if rid not in done]
+        t0 = time.perf_counter()
+        cancelled = self.queue.publish_round(events, done, watch)
+        publish_s = time.perf_counter() - t0
+        for fin in result.finished:
+            self._release(fin.request_id, fin)
+        self.observer.on_round(result.record, result.tokens, result.finished, publish_s)
+        if cancelled:
+            self._cancel(cancelled)
+
+    def _cancel(self, rids: set[str]) -> None:
+        """Stop flagged requests now (before the next round) and tell their clients."""
+        events, done, fins = {}, {}, []
+        for rid in rids:
+            fin = self.engine.cancel(rid)
+            held = self.held.get(rid)
+            if held is None:
+                continue
+            fin = fin or Finished(rid, FinishReason.CANCELLED, 0, 0)
+            events[rid] = pb.StreamEvent(attempt=held.attempt, commit_unix_nanos=time.time_ns(),
+                                         finish=finish_message(fin))
+            done[rid] = held.entry.entry_id
+            fins.append(fin)
+        self.queue.publish_round(events, done, [])
+        for fin in fins:
+            self._release(fin.request_id, fin)
+
+    def _release(self, rid: str, fin: Finished) -> None:
+        with self._lock:
+            if self.held.pop(rid, None) is None:
+                return
+            if not self.held:
+                self.pod_guard.mark_idle()
+        self.observer.on_request_finish(rid, fin)
+
+    # ---- ownership -------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._exit.wait(self.settings.heartbeat_interval_s):
+            with self._lock:
+                ids = [h.entry.entry_id for h in self.held.values()]
+            try:
+                owned = self.queue.heartbeat(ids)
+            except Exception:
+                log.exception("heartbeat failed")
+                continue
+            lost = set(ids) - owned
+            if lost:
+                with self._lock:
+                    self._lost |= lost
+
+    def _drop_lost(self) -> None:
+        """Entries another worker claimed (we were frozen past claim_idle_ms):
+        stop computing them; their new owner publishes and acknowledges."""
+        if not self._lost:
+            return
+        with self._lock:
+            lost, self._lost = self._lost, set()
+            gone = [rid for rid, h in self.held.items() if h.entry.entry_id in lost]
+            for rid in gone:
+                self.held.pop(rid)
+            if gone and not self.held:
+                self.pod_guard.mark_idle()
+        for rid in gone:
+            log.warning("lost %s to another worker; dropping it", rid)
+            self.engine.cancel(rid)
+
+    def _hand_back_all(self) -> None:
+        """Shutdown with work left: re-queue it for another worker (the client
+        keeps its stream; positions already sent are skipped by the gateway)."""
+        for rid, held in list(self.held.items()):
+            self.engine.cancel(rid)
+            try:
+                self.queue.hand_back(held.entry)
+                log.info("handed back %s", rid)
+            except Exception:
+                log.exception("could not hand back %s; it will be claimed after the idle timeout", rid)
+        with self._lock:
+            if self.held:
+                self.held.clear()
+                self.pod_guard.mark_idle()
