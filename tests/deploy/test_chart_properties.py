@@ -30,6 +30,7 @@ def test_gpu_request_equals_explorers(values) -> None:
     assert c["resources"]["requests"]["nvidia.com/gpu"] == str(explorers)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(explorers)
     assert _env(c)["DEX_EXPLORERS"]["value"] == str(explorers)
+    assert c["args"] == ["worker", "--explorers", str(explorers)]  # `dex worker` takes a flag
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
@@ -72,7 +73,11 @@ def test_keda_redis_streams_lag_count_and_scale_to_zero() -> None:
     (trig,) = so["triggers"]
     assert trig["type"] == "redis-streams"
     md = trig["metadata"]
-    assert md["stream"] == "dex:requests" and md["consumerGroup"] == "dex-workers"
+    # The stream/group KEDA watches are the ones the workers read (dexserve.queue.protocol).
+    from dexserve.queue.protocol import GROUP, QueueNames
+
+    assert md["stream"] == QueueNames().requests == "dex:requests"
+    assert md["consumerGroup"] == GROUP == "dex-workers"
     assert md["lagCount"] == "2" and md["activationLagCount"] == "0"
     assert "pendingEntriesCount" not in md, "pending counts cannot drive scaling; lagCount mode only"
     assert md["addressFromEnv"] == "REDIS_ADDRESS"
@@ -129,6 +134,23 @@ def test_redis_statefulset_aof_and_pvc() -> None:
     assert sts["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 
+def test_queue_prefix_flows_to_keda_and_processes() -> None:
+    docs = render(GPU_KEDA_VALUES, sets=("queue.prefix=tenant-a",))
+    assert find(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["stream"] == "tenant-a:requests"
+    for suffix in ("-gateway", "-worker"):
+        assert _env(_pod_spec(docs, suffix)["containers"][0])["DEX_QUEUE_PREFIX"]["value"] == "tenant-a"
+
+
+def test_worker_grace_and_model_dir() -> None:
+    docs = render(sets=("worker.modelDir=/models/m", "worker.modelVolume.persistentVolumeClaim.claimName=models"))
+    spec = _pod_spec(docs, "-worker")
+    env = _env(spec["containers"][0])
+    assert env["DEX_MODEL_DIR"]["value"] == "/models/m"
+    assert int(env["DEX_SHUTDOWN_GRACE_S"]["value"]) < spec["terminationGracePeriodSeconds"]
+    assert {"name": "model", "mountPath": "/models/m", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+    assert "DEX_MODEL_DIR" not in _env(_pod_spec(render(), "-worker")["containers"][0])  # shipped model
+
+
 def test_external_redis_url_from_secret() -> None:
     docs = render(sets=("redis.internal.enabled=false", "redis.external.existingSecret=ext-redis"))
     assert "StatefulSet" not in kinds(docs) and "NetworkPolicy" not in kinds(docs)
@@ -182,6 +204,7 @@ def test_gateway_grpc_probes_ports_and_env() -> None:
         assert c[probe]["grpc"] == {"port": 50051}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9464}
     env = _env(c)
+    assert env["DEX_HOST"]["value"] == "0.0.0.0" and env["DEX_PORT"]["value"] == "50051"
     assert env["DEX_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dex-auth", "key": "token"}
     svc = find(docs, "Service", "-gateway")
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"] == 50051

@@ -108,10 +108,16 @@ processes use. Internal mode builds the URL with $(REDIS_PASSWORD) dependent exp
       name: {{ include "dex.redisSecretName" . }}
       key: {{ .Values.redis.external.urlKey }}
 {{- end }}
-- name: DEX_REQUEST_STREAM
-  value: {{ .Values.queue.stream | quote }}
-- name: DEX_CONSUMER_GROUP
-  value: {{ .Values.queue.consumerGroup | quote }}
+- name: DEX_QUEUE_PREFIX
+  value: {{ .Values.queue.prefix | quote }}
+{{- end -}}
+
+{{/* Stream and group the workers read: must match dexserve.queue.protocol (tested). */}}
+{{- define "dex.requestStream" -}}
+{{- printf "%s:requests" .Values.queue.prefix -}}
+{{- end -}}
+{{- define "dex.consumerGroup" -}}
+dex-workers
 {{- end -}}
 
 {{- define "dex.otelEnv" -}}
