@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1.7
+# dexserve gateway: grpc.aio front door on :50051, metrics on :9464.
+# Build from the repo root:  docker build -f deploy/docker/gateway.Dockerfile -t dexserve/gateway:0.1.0 .
+FROM python:3.11.9-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DEX_HOST=0.0.0.0 \
+    DEX_PORT=50051 \
+    DEX_METRICS_PORT=9464
+
+# Fixed uid/gid 10001: the Helm chart's securityContext.runAsUser matches it.
+RUN groupadd --system --gid 10001 dex \
+ && useradd --system --uid 10001 --gid dex --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin dex
+
+WORKDIR /app
+
+# 1) Dependencies only (cached until pyproject.toml changes). The package pins torch;
+#    the gateway only tokenizes, so take the small CPU wheel before anything pulls CUDA.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# 2) Source last: code edits rebuild only these layers.
+COPY README.md ./
+COPY proto/ proto/
+COPY service/ service/
+COPY worker/ worker/
+RUN pip install --no-deps . \
+ && rm -rf /app/build
+COPY deploy/docker/healthcheck.py /usr/local/bin/dex-healthcheck
+
+USER 10001:10001
+EXPOSE 50051 9464
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "/usr/local/bin/dex-healthcheck", "gateway"]
+ENTRYPOINT ["dex"]
+CMD ["gateway"]
