@@ -35,11 +35,13 @@ HEALTH_PERIOD_S = 5.0
 
 def load_served(config: GatewayConfig) -> Served:
     """The model card and a prompt-token counter from its own tokenizer,
-    so the context check counts exactly what the engine will."""
+    encoding as `Engine.encode` does (no special tokens added), so the
+    context check counts exactly what the engine will; the limits are the
+    ones the engine builds from the same max_context / max_new_tokens."""
     card = ModelCard.load(config.model)
     tokenizer = card.tokenizer()
-    return Served(card=card, limits=Limits(max_context=config.max_context),
-                  count_tokens=lambda text: len(tokenizer.encode(text)))
+    return Served(card=card, limits=Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens),
+                  count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
 def _handlers(servicer: DexServicer) -> grpc.GenericRpcHandler:

@@ -113,17 +113,25 @@ class WorkerQueue:
         self._cursor = reply[0]
         out: list[Entry] = []
         gone: list[bytes] = list(reply[2]) if len(reply) > 2 and reply[2] else []
+        unnamed = False
         for item in reply[1] or ():
-            if not item:
+            if not item or item[1] is None:    # 6.2: a deleted entry, claimed but not named
+                unnamed = True
                 continue
-            entry_id, fields = item[0], item[1] if len(item) > 1 else None
-            if fields is None:
-                gone.append(entry_id)
-                continue
-            out.append(_entry(entry_id, fields))
+            out.append(_entry(item[0], item[1]))
+        if unnamed:
+            gone.extend(self._deleted_pending({e.entry_id for e in out}))
         if gone:
             self.redis.xack(self.names.requests, GROUP, *gone)
         return out
+
+    def _deleted_pending(self, known: set[bytes]) -> list[bytes]:
+        """Ids this consumer holds whose entries no longer exist (6.2 claims
+        them as nil without naming them)."""
+        rows = self.redis.xpending_range(self.names.requests, GROUP, "-", "+", 1000, consumername=self.consumer)
+        return [r["message_id"] for r in rows
+                if r["message_id"] not in known and not self.redis.xrange(self.names.requests, r["message_id"],
+                                                                          r["message_id"])]
 
     def begin_attempt(self, request_id: str) -> int:
         """Count one more delivery of the request; returns the attempt number (1-based)."""

@@ -29,6 +29,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="dex")
     g.add_argument("--executor", default="reference")
     g.add_argument("--max-context", type=int, default=int(os.environ.get("DEX_MAX_CONTEXT", 512)))
+    g.add_argument("--max-new-tokens-limit", type=int, default=int(os.environ.get("DEX_MAX_NEW_TOKENS", 1024)),
+                   help="largest max_new_tokens a request may ask (env DEX_MAX_NEW_TOKENS)")
     g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)))
     g.add_argument("--compile", action="store_true")
     g.add_argument("--standin-delay", type=float, default=0.0, help="stand-in engine: seconds per round")
@@ -37,7 +39,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_choice(args: argparse.Namespace) -> EngineChoice:
     return EngineChoice(kind=args.engine, model_dir=args.model, explorers=args.explorers, width=args.width,
-                        mode=args.mode, max_context=args.max_context, max_batch=args.max_batch,
+                        mode=args.mode, max_context=args.max_context, max_new_tokens=args.max_new_tokens_limit, max_batch=args.max_batch,
                         executor=args.executor, compile=args.compile, standin_delay_s=args.standin_delay,
                         standin_poison=args.standin_poison)
 

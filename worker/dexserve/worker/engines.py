@@ -17,6 +17,7 @@ class EngineChoice:
     width: int = 8
     mode: str = "dex"
     max_context: int = 512
+    max_new_tokens: int = 1024
     max_batch: int = 4
     executor: str = "reference"
     compile: bool = False
@@ -30,19 +31,21 @@ class StandinConfig:
 
     max_context: int = 512
     max_batch: int = 4
+    max_new_tokens: int = 1024
 
 
 def make_engine(choice: EngineChoice):
     if choice.kind == "standin":
         from dexserve.worker.standin import InstantEngine
 
-        return InstantEngine.load(choice.model_dir, StandinConfig(choice.max_context, choice.max_batch),
+        return InstantEngine.load(choice.model_dir, StandinConfig(choice.max_context, choice.max_batch, choice.max_new_tokens),
                                   step_delay_s=choice.standin_delay_s, poison=choice.standin_poison)
     if choice.kind == "dex":
         from dexserve.engine.engine import Engine, EngineConfig
 
         config = EngineConfig(explorers=choice.explorers, width=choice.width, mode=choice.mode,
                               max_context=choice.max_context, max_batch=choice.max_batch,
+                              max_new_tokens=choice.max_new_tokens,
                               compile=choice.compile, executor=choice.executor)
         return Engine.load(choice.model_dir, config)
     raise ValueError(f"unknown engine {choice.kind!r} (dex | standin)")

@@ -45,7 +45,7 @@ class _FastTokenizer:
         self._tok = Tokenizer.from_file(str(path))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
 
 class InstantEngine:
@@ -53,7 +53,7 @@ class InstantEngine:
         self.card = card
         self.config = config
         self.tokenizer = _FastTokenizer(card.path / "tokenizer.json")
-        self.limits = Limits(max_context=config.max_context)
+        self.limits = Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens)
         self.step_delay_s = step_delay_s
         self.poison = poison
         self._active: dict[str, _Active] = {}
