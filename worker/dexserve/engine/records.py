@@ -20,6 +20,7 @@ class RowRecord:
     node: int
     position: int
     slot: int
+    readout: int    # top candidate at the boundary it reached (the final token at depth K)
 
 
 @dataclass(frozen=True)

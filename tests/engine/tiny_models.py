@@ -1,0 +1,38 @@
+"""Tiny randomly initialised checkpoints of each supported family, saved the
+way users have them: a local directory with config, safetensors and a tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from dexserve.engine.model_card import shipped_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def save_tiny(family: str, path: Path, layers: int = 4, seed: int = 0, vocab: int = 2048) -> Path:
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2, eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=24))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=64))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path, safe_serialization=True)
+    src = shipped_model_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, path / name)
+    return path

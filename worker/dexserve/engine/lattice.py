@@ -1,0 +1,384 @@
+"""The exploration lattice: DEX's state machine (DEX.md, "One round").
+
+Pure Python: nodes, spawn, commit, collapse and slots. It knows nothing of
+tensors, queues or RPCs. Each round it emits a `Plan` (which node runs on which
+explorer, in which buffer slot, seeing which ancestors; which finished nodes
+to retire into the committed context), and after the explorers ran it
+consumes their `Readout` and returns the `RoundRecord`.
+
+Decisions it makes, and why:
+- Only the final-depth token of the anchor is ever committed; a speculative
+  node only changes *when* a token is committed, never *which* (lossless).
+- Causal: a node runs segment k only after its parent finished segment k in an
+  earlier round. A node that cannot run waits; nothing is recomputed.
+- When capacity is short (W rows per explorer, N slots), the spawn policy
+  decides. `priority` ranks nodes by the estimated chance that they lie on the
+  committed path: the product of per-boundary acceptance rates along the path
+  from the anchor, learned online from the commits themselves. Anchors always
+  come first (their chance is 1), ties go to the node that waited longest.
+  `oldest` runs nodes in creation order and never evicts (the baseline the
+  DEX note warns about).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from dexserve.engine.records import (FALLBACK, CollapseRecord, CommitRecord, RoundRecord, RowRecord,
+                                     SpawnRecord)
+
+Policy = Literal["priority", "oldest"]
+
+
+class LatticeError(RuntimeError):
+    """An invariant broke: always a bug, never a fallback."""
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    explorers: int                      # K
+    widths: tuple[int, ...]             # W per explorer (rows per round)
+    slots: int                          # N lattice slots (KV + hidden), shared by all requests
+    spawn_boundaries: frozenset[int]    # boundaries allowed to spawn: {} = ar, {J} = select:J, 1..K-1 = dex
+    decs: bool = True
+    policy: Policy = "priority"
+    max_context: int = 1 << 30          # no node at or past this position
+
+    def __post_init__(self) -> None:
+        if self.explorers < 1:
+            raise ValueError("explorers must be >= 1")
+        if len(self.widths) != self.explorers or min(self.widths) < 1:
+            raise ValueError(f"widths must be {self.explorers} values >= 1, got {self.widths}")
+        if self.slots < 1:
+            raise ValueError("slots must be >= 1")
+        bad = [b for b in self.spawn_boundaries if not 1 <= b < self.explorers]
+        if bad:
+            raise ValueError(f"spawn boundaries {bad} outside 1..{self.explorers - 1}")
+
+
+@dataclass(eq=False)
+class Node:
+    id: int
+    request: "RequestLattice"
+    token: int
+    position: int
+    parent: "Node | None"
+    boundary: int              # boundary that spawned it; FALLBACK for roots and fallbacks
+    slot: int
+    created: int               # round it was created in
+    done: int = 0              # segments finished
+    children: dict[int, "Node"] = field(default_factory=dict)
+    proposed: set[int] = field(default_factory=set)   # tokens its boundaries proposed (DECS)
+    last_run: int = -1
+    alive: bool = True
+
+    def subtree(self) -> Iterable["Node"]:
+        stack = [self]
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+
+@dataclass(eq=False)
+class RequestLattice:
+    request_id: str
+    index: int          # row of the committed-context buffer (0..R-1)
+    anchor: Node | None = None
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    node: int
+    request_id: str
+    request_index: int
+    token: int
+    position: int
+    slot: int
+    ctx_len: int                  # committed positions [0, ctx_len) are in the context buffer
+    ancestor_slots: tuple[int, ...]  # lattice slots of its uncommitted ancestors, anchor first, then itself
+
+
+@dataclass(frozen=True)
+class Retire:
+    slot: int
+    request_index: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    round: int
+    rows: tuple[tuple[PlanRow, ...], ...]   # per explorer
+    retire: tuple[Retire, ...]              # copy these slots to the context before running
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Per explorer, per planned row: candidate tokens ranked best first."""
+
+    candidates: tuple[tuple[tuple[int, ...], ...], ...]
+
+
+class AcceptanceModel:
+    """Online estimate of P(a child spawned at boundary j carries the committed token)."""
+
+    def __init__(self, explorers: int, prior_hits: float = 1.0, prior_total: float = 2.0) -> None:
+        self.hits = [prior_hits] * (explorers + 1)
+        self.total = [prior_total] * (explorers + 1)
+
+    def rate(self, boundary: int) -> float:
+        return self.hits[boundary] / self.total[boundary]
+
+    def observe(self, boundary: int, hit: bool) -> None:
+        self.total[boundary] += 1
+        self.hits[boundary] += 1 if hit else 0
+
+
+class Lattice:
+    def __init__(self, config: LatticeConfig) -> None:
+        self.config = config
+        self.requests: dict[str, RequestLattice] = {}
+        self.free_slots: list[int] = list(range(config.slots - 1, -1, -1))
+        self.nodes: dict[int, Node] = {}
+        self.round = 0
+        self._next_id = 0
+        self._pending_retire: list[Retire] = []
+        self._plan: Plan | None = None
+        self.acceptance = AcceptanceModel(config.explorers)
+
+    # ---- requests -------------------------------------------------------
+    def add_request(self, request_id: str, index: int, token: int, position: int) -> None:
+        """Start a request whose last prompt token is `token` at `position`;
+        positions before it must already be in the context (prefilled)."""
+        if request_id in self.requests:
+            raise LatticeError(f"request {request_id} already in the lattice")
+        if not self.free_slots:
+            raise LatticeError("no free lattice slot for a new request")
+        req = RequestLattice(request_id, index)
+        req.anchor = self._new_node(req, token, position, None, FALLBACK)
+        self.requests[request_id] = req
+
+    def remove_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id)
+        if req.anchor is not None:
+            self._drop(req.anchor)
+        self._pending_retire = [r for r in self._pending_retire if r.request_index != req.index]
+
+    @property
+    def live_nodes(self) -> int:
+        return len(self.nodes)
+
+    # ---- one round ------------------------------------------------------
+    def plan(self) -> Plan:
+        K = self.config.explorers
+        scores = self._scores()
+        eligible: list[list[Node]] = [[] for _ in range(K)]
+        for n in self.nodes.values():
+            if n.done >= K:
+                raise LatticeError(f"node {n.id} finished all segments but is still live")
+            seg = n.done  # 0-based index of the segment it runs next
+            if n.parent is not None and n.parent.alive and n.parent.done <= seg:
+                continue  # causal: parent has not finished this segment yet
+            eligible[seg].append(n)
+        rows: list[tuple[PlanRow, ...]] = []
+        for seg in range(K):
+            chosen = self._rank(eligible[seg], scores)[: self.config.widths[seg]]
+            rows.append(tuple(self._row(n) for n in chosen))
+        self._plan = Plan(self.round, tuple(rows), tuple(self._pending_retire))
+        self._pending_retire = []
+        return self._plan
+
+    def advance(self, readout: Readout) -> RoundRecord:
+        plan = self._plan
+        if plan is None:
+            raise LatticeError("advance() without plan()")
+        self._plan = None
+        K = self.config.explorers
+        if len(readout.candidates) != K or any(len(c) != len(r) for c, r in zip(readout.candidates, plan.rows)):
+            raise LatticeError("readout does not match the plan's rows")
+        ran: list[tuple[Node, int, tuple[int, ...]]] = []
+        explorers_rec: list[tuple[RowRecord, ...]] = []
+        for seg, (rows, cands) in enumerate(zip(plan.rows, readout.candidates)):
+            rec = []
+            for row, cand in zip(rows, cands):
+                n = self.nodes.get(row.node)
+                if n is None or n.done != seg:
+                    raise LatticeError(f"planned node {row.node} changed before its readout")
+                n.done = seg + 1
+                n.last_run = self.round
+                ran.append((n, seg + 1, cand))
+                rec.append(RowRecord(n.request.request_id, n.id, n.position, n.slot, cand[0]))
+            explorers_rec.append(tuple(rec))
+
+        commits: list[CommitRecord] = []
+        collapses: list[CollapseRecord] = []
+        wasted = 0
+        # 1. commit and collapse first: expansions of dropped nodes would be waste
+        for n, depth, cand in ran:
+            if depth != K:
+                continue
+            req = n.request
+            if req.anchor is not n:
+                raise LatticeError(f"node {n.id} reached the final depth but is not its request's anchor")
+            y = cand[0]
+            keep = n.children.get(y)
+            dropped = 0
+            for child in list(n.children.values()):
+                self.acceptance.observe(child.boundary, child is keep)
+                if child is not keep:
+                    dropped_nodes = list(child.subtree())
+                    dropped += len(dropped_nodes)
+                    wasted += sum(d.done for d in dropped_nodes)
+                    self._drop(child)
+            n.children.clear()
+            self._retire(n)
+            if keep is not None:
+                keep.parent = None
+                req.anchor = keep
+                boundary = keep.boundary
+                kept = sum(1 for _ in keep.subtree())
+            else:
+                req.anchor = self._new_node(req, y, n.position + 1, None, FALLBACK)
+                boundary = FALLBACK
+                kept = 0
+            commits.append(CommitRecord(req.request_id, n.position + 1, y, boundary, req.anchor.id))
+            collapses.append(CollapseRecord(req.request_id, n.position + 1, kept, dropped))
+
+        # 2. expand the survivors
+        spawns: list[SpawnRecord] = []
+        for n, depth, cand in ran:
+            if depth == K or not n.alive:
+                continue
+            token = self._proposal(n, depth, cand)
+            if token is None:
+                continue
+            child = self._spawn(n, token, depth)
+            if child is not None:
+                spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
+
+        self.round += 1
+        return RoundRecord(round=plan.round, explorers=tuple(explorers_rec), spawns=tuple(spawns),
+                           commits=tuple(commits), collapses=tuple(collapses), wasted_node_segments=wasted,
+                           live_nodes=len(self.nodes))
+
+    # ---- internals ------------------------------------------------------
+    def _proposal(self, n: Node, boundary: int, cand: tuple[int, ...]) -> int | None:
+        if boundary not in self.config.spawn_boundaries or n.position + 1 >= self.config.max_context:
+            return None
+        if self.config.decs:
+            for tok in cand:
+                if tok not in n.proposed:
+                    n.proposed.add(tok)
+                    return tok
+            return None
+        tok = cand[0]
+        n.proposed.add(tok)
+        return None if tok in n.children else tok
+
+    def _spawn(self, parent: Node, token: int, boundary: int) -> Node | None:
+        if token in parent.children:
+            return None
+        if not self.free_slots and not self._evict_for(parent, boundary):
+            return None
+        child = self._new_node(parent.request, token, parent.position + 1, parent, boundary)
+        parent.children[token] = child
+        return child
+
+    def _evict_for(self, parent: Node, boundary: int) -> bool:
+        """Priority policy: free the slot of the least likely leaf if the new
+        child is more likely to be on the committed path."""
+        if self.config.policy != "priority":
+            return False
+        scores = self._scores()
+        want = scores.get(parent.id, 0.0) * self.acceptance.rate(boundary)
+        leaves = [n for n in self.nodes.values()
+                  if not n.children and n.parent is not None and n is not n.request.anchor]
+        if not leaves:
+            return False
+        victim = min(leaves, key=lambda n: (scores.get(n.id, 0.0), -n.created))
+        if scores.get(victim.id, 0.0) >= want or victim is parent:
+            return False
+        del victim.parent.children[victim.token]
+        self._drop(victim)
+        return True
+
+    def _new_node(self, req: RequestLattice, token: int, position: int, parent: Node | None, boundary: int) -> Node:
+        if not self.free_slots:
+            raise LatticeError("no free lattice slot")
+        if position >= self.config.max_context:
+            raise LatticeError(f"position {position} is past the context ({self.config.max_context})")
+        node = Node(self._next_id, req, token, position, parent, boundary, self.free_slots.pop(), self.round)
+        self._next_id += 1
+        self.nodes[node.id] = node
+        return node
+
+    def _drop(self, root: Node) -> None:
+        for n in list(root.subtree()):
+            n.alive = False
+            self.nodes.pop(n.id, None)
+            self.free_slots.append(n.slot)
+
+    def _retire(self, n: Node) -> None:
+        """n finished every segment: its K/V moves to the context, its slot is freed.
+        The copy runs at the start of the next round, before any write to the slot."""
+        n.alive = False
+        del self.nodes[n.id]
+        self.free_slots.append(n.slot)
+        self._pending_retire.append(Retire(n.slot, n.request.index, n.position))
+
+    def _scores(self) -> dict[int, float]:
+        """Chance of lying on the committed path, relative to each anchor."""
+        scores: dict[int, float] = {}
+        for req in self.requests.values():
+            if req.anchor is None:
+                continue
+            stack = [(req.anchor, 1.0)]
+            while stack:
+                n, s = stack.pop()
+                scores[n.id] = s
+                for c in n.children.values():
+                    stack.append((c, s * self.acceptance.rate(c.boundary)))
+        return scores
+
+    def _rank(self, nodes: list[Node], scores: dict[int, float]) -> list[Node]:
+        if self.config.policy == "oldest":
+            return sorted(nodes, key=lambda n: (n.created, n.id))
+        return sorted(nodes, key=lambda n: (-scores.get(n.id, 0.0), n.last_run, n.id))
+
+    def _row(self, n: Node) -> PlanRow:
+        chain = []
+        a: Node | None = n
+        while a is not None:
+            chain.append(a.slot)
+            a = a.parent
+        chain.reverse()
+        anchor = n.request.anchor
+        assert anchor is not None
+        return PlanRow(node=n.id, request_id=n.request.request_id, request_index=n.request.index, token=n.token,
+                       position=n.position, slot=n.slot, ctx_len=anchor.position, ancestor_slots=tuple(chain))
+
+    def check_invariants(self) -> None:
+        """Causal and structural invariants; tests call this every round."""
+        K = self.config.explorers
+        for req in self.requests.values():
+            anchor = req.anchor
+            if anchor is None or not anchor.alive or anchor.parent is not None:
+                raise LatticeError(f"request {req.request_id} has no live root anchor")
+        used = set()
+        for n in self.nodes.values():
+            if n.slot in used:
+                raise LatticeError(f"slot {n.slot} used twice")
+            used.add(n.slot)
+            if n.parent is not None:
+                if not n.parent.alive:
+                    raise LatticeError(f"node {n.id} has a dead parent")
+                if n.parent.done <= n.done:
+                    raise LatticeError(f"causal violation: node {n.id} done={n.done}, parent done={n.parent.done}")
+                if n.position != n.parent.position + 1:
+                    raise LatticeError(f"node {n.id} at wrong position")
+            if not 0 <= n.done < K:
+                raise LatticeError(f"node {n.id} done={n.done} out of range")
+        if len(used) + len(self.free_slots) != self.config.slots:
+            raise LatticeError("slot accounting is off")

@@ -1,0 +1,246 @@
+"""A Llama-family decoder, read from a local checkpoint and run layer by layer.
+
+The engine does not call the Hugging Face modules: it reads the checkpoint's
+weights (safetensors, only the layers an explorer owns) and runs the layer
+math itself over its own static KV buffers, so a segment of layers is a plain
+tensor function. The math follows transformers' Llama / Qwen2 / Qwen3 /
+Mistral code (RMSNorm in fp32, rotary tables from the model's own rotary
+class, GQA, optional q/k norms and biases), so outputs match `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dexserve.engine.model_card import ModelCard, ModelLoadError
+
+ADAPTER_FILE = "dex_adapters.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    eps: float
+    act: str
+    qk_norm: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelDims":
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        window = None
+        if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window"):
+            window = cfg.get("sliding_window")
+        return cls(hidden=hidden, heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or hidden // heads), layers=int(cfg["num_hidden_layers"]),
+                   vocab=int(cfg["vocab_size"]), eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                   act=str(cfg.get("hidden_act", "silu")), qk_norm=cfg.get("model_type") == "qwen3",
+                   sliding_window=int(window) if window else None)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass
+class Weights:
+    """The weights one process needs: some layers, plus embedding and/or head."""
+
+    dims: ModelDims
+    layers: dict[int, LayerWeights]
+    embed: torch.Tensor | None
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+class _SafetensorsIndex:
+    """Tensor name -> file, over a single file or a sharded checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: path / f for name, f in weight_map.items()}
+        else:
+            self.files = {}
+            for f in sorted(path.glob("*.safetensors")):
+                if f.name == ADAPTER_FILE:
+                    continue
+                with safe_open(f, framework="pt") as h:
+                    for name in h.keys():
+                        self.files[name] = f
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise ModelLoadError(f"checkpoint is missing tensor {name!r}")
+        with self._open(self.files[name], framework="pt") as h:
+            return h.get_tensor(name)
+
+
+def load_weights(card: ModelCard, layers: range, need_embed: bool, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> Weights:
+    """Read only the tensors for `layers` (and the embedding when asked; the
+    final norm and head are always read: every explorer reads out)."""
+    dims = ModelDims.from_config(card.config)
+    idx = _SafetensorsIndex(card.path)
+
+    def t(name: str) -> torch.Tensor:
+        return idx.get(name).to(device=device, dtype=dtype)
+
+    def opt(name: str) -> torch.Tensor | None:
+        return t(name) if idx.has(name) else None
+
+    out: dict[int, LayerWeights] = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        out[i] = LayerWeights(
+            input_norm=t(p + "input_layernorm.weight"), post_norm=t(p + "post_attention_layernorm.weight"),
+            q=t(p + "self_attn.q_proj.weight"), k=t(p + "self_attn.k_proj.weight"),
+            v=t(p + "self_attn.v_proj.weight"), o=t(p + "self_attn.o_proj.weight"),
+            gate=t(p + "mlp.gate_proj.weight"), up=t(p + "mlp.up_proj.weight"), down=t(p + "mlp.down_proj.weight"),
+            q_bias=opt(p + "self_attn.q_proj.bias"), k_bias=opt(p + "self_attn.k_proj.bias"),
+            v_bias=opt(p + "self_attn.v_proj.bias"), o_bias=opt(p + "self_attn.o_proj.bias"),
+            q_norm=opt(p + "self_attn.q_norm.weight"), k_norm=opt(p + "self_attn.k_norm.weight"),
+            gate_bias=opt(p + "mlp.gate_proj.bias"), up_bias=opt(p + "mlp.up_proj.bias"),
+            down_bias=opt(p + "mlp.down_proj.bias"))
+    if dims.qk_norm and any(lw.q_norm is None for lw in out.values()):
+        raise ModelLoadError(f"{card.path}: qwen3 checkpoint without q_norm/k_norm weights")
+    embed_name = "model.embed_tokens.weight"
+    tied = card.config.get("tie_word_embeddings", False) or not idx.has("lm_head.weight")
+    embed = t(embed_name) if (need_embed or tied) else None
+    lm_head = embed if tied else t("lm_head.weight")
+    if not need_embed and tied:
+        embed = None
+    return Weights(dims=dims, layers=out, embed=embed, final_norm=t("model.norm.weight"), lm_head=lm_head,
+                   adapters=load_adapters(card.path, dims, dtype, device))
+
+
+def load_adapters(path: Path, dims: ModelDims, dtype: torch.dtype, device) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Optional per-boundary adapters (DEX.md, "Standard models"): a residual
+    linear map h + A h + b in front of the shared norm and head at depth d,
+    stored as `boundary.{d}.weight` / `boundary.{d}.bias`."""
+    f = path / ADAPTER_FILE
+    if not f.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    raw = load_file(f)
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name, tensor in raw.items():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "boundary" or parts[2] not in ("weight", "bias"):
+            raise ModelLoadError(f"{f}: unexpected tensor {name!r}")
+        depth = int(parts[1])
+        if parts[2] == "weight":
+            if tuple(tensor.shape) != (dims.hidden, dims.hidden):
+                raise ModelLoadError(f"{f}: {name} has shape {tuple(tensor.shape)}, want {(dims.hidden, dims.hidden)}")
+            bias = raw.get(f"boundary.{depth}.bias")
+            adapters[depth] = (tensor.to(device=device, dtype=dtype),
+                               None if bias is None else bias.to(device=device, dtype=dtype))
+    return adapters
+
+
+def rotary_tables(card: ModelCard, positions: int, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [positions, head_dim] from the model family's own rotary class,
+    so every rope variant transformers knows (llama3, yarn, ...) is exact."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+    import importlib
+
+    config = AutoConfig.from_pretrained(card.path, local_files_only=True)
+    module = importlib.import_module(f"transformers.models.{card.model_type}.modeling_{card.model_type}")
+    cls_name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[card.model_type]
+    rotary = getattr(module, f"{cls_name}RotaryEmbedding")(config=config)
+    pos = torch.arange(positions)[None, :]
+    dummy = torch.zeros(1, positions, 1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(dummy, pos)
+    return cos[0].to(device=device, dtype=dtype), sin[0].to(device=device, dtype=dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "relu": F.relu}
+
+
+def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
+                  k_buf: torch.Tensor, v_buf: torch.Tensor, kv_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for W single-token rows. Writes each row's K/V at
+    `kv_row` of the layer's buffers, then attends over the whole buffer through
+    `mask` [W, T] (True = visible). Shapes are static: W rows, T buffer rows."""
+    rows = x.shape[0]
+    h = rms_norm(x, lw.input_norm, dims.eps)
+    q = linear(h, lw.q, lw.q_bias).view(rows, dims.heads, dims.head_dim)
+    k = linear(h, lw.k, lw.k_bias).view(rows, dims.kv_heads, dims.head_dim)
+    v = linear(h, lw.v, lw.v_bias).view(rows, dims.kv_heads, dims.head_dim)
+    if lw.q_norm is not None:
+        q = rms_norm(q, lw.q_norm, dims.eps)
+        k = rms_norm(k, lw.k_norm, dims.eps)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    k_buf.index_copy_(0, kv_row, k)
+    v_buf.index_copy_(0, kv_row, v)
+    group = dims.heads // dims.kv_heads
+    qg = q.view(rows, dims.kv_heads, group, dims.head_dim)
+    scores = torch.einsum("wkgd,tkd->wkgt", qg, k_buf) * (dims.head_dim ** -0.5)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    attn = torch.einsum("wkgt,tkd->wkgd", probs, v_buf).reshape(rows, dims.heads * dims.head_dim)
+    x = x + linear(attn, lw.o, lw.o_bias)
+    h = rms_norm(x, lw.post_norm, dims.eps)
+    act = ACTIVATIONS[dims.act]
+    return x + linear(act(linear(h, lw.gate, lw.gate_bias)) * linear(h, lw.up, lw.up_bias), lw.down, lw.down_bias)

@@ -1,0 +1,147 @@
+"""The per-explorer lattice step: one segment of layers over W rows, plus the
+readout at the segment's boundary.
+
+It is a pure tensor function of static-shaped buffers. Inputs are small index
+tensors (token, position, slot, KV row, visible range, ancestor rows); the KV
+buffers of the explorer's layers and the hidden-state buffer are mutated in
+place; the output is the ranked candidates at the boundary. No shape depends
+on the data, nothing is allocated outside the graph, nothing is read back to
+the host: on CUDA it is captured once as a graph and replayed; on CPU it
+compiles with `torch.compile(fullgraph=True)`.
+
+Buffer layout (the answer to "where does a node's KV live"):
+  KV rows  [0, R*C)          committed context, request r at rows r*C .. r*C+C-1
+           [R*C, R*C+N)      lattice slots: a speculative node's KV, all layers
+           R*C+N             scratch row for padding rows
+  hidden   [0, N)            a lattice node's latest hidden state
+           [N, N+P)          prefill rows
+           N+P               scratch
+A node keeps its KV in its lattice slot while speculative and while it is the
+anchor; when it finishes the last segment (its successor is committed) the
+executor copies its rows to the committed context and frees the slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dexserve.engine.model import Weights, layer_forward, rms_norm
+from dexserve.engine.sampling import selection_scores
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """Static sizes fixed at start-up (DEX.md "Bounded")."""
+
+    max_batch: int      # R: requests in flight
+    max_context: int    # C: positions per request
+    lattice_slots: int  # N
+    prefill_rows: int   # P
+    ancestors: int      # A: ancestor rows per node (incl. itself) = K
+
+    @property
+    def kv_rows(self) -> int:
+        return self.max_batch * self.max_context + self.lattice_slots + 1
+
+    @property
+    def kv_scratch(self) -> int:
+        return self.kv_rows - 1
+
+    def lattice_kv_row(self, slot: int) -> int:
+        return self.max_batch * self.max_context + slot
+
+    @property
+    def hidden_rows(self) -> int:
+        return self.lattice_slots + self.prefill_rows + 1
+
+    @property
+    def hidden_scratch(self) -> int:
+        return self.hidden_rows - 1
+
+
+@dataclass
+class StepInputs:
+    """Per-row inputs of one explorer step; every tensor has W rows."""
+
+    token: torch.Tensor     # long [W]: token id (first explorer embeds it)
+    position: torch.Tensor  # long [W]
+    slot: torch.Tensor      # long [W]: hidden-state row
+    kv_row: torch.Tensor    # long [W]: where this row's K/V go
+    request: torch.Tensor   # long [W]: request index (sampling table row)
+    lo: torch.Tensor        # long [W]: visible committed rows [lo, hi)
+    hi: torch.Tensor        # long [W]
+    anc: torch.Tensor       # long [W, A]: visible lattice rows (ancestors and itself)
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return (self.token, self.position, self.slot, self.kv_row, self.request, self.lo, self.hi, self.anc)
+
+
+class ExplorerStep(nn.Module):
+    """Explorer k: layers [first_layer, last_layer), readout at depth last_layer."""
+
+    def __init__(self, weights: Weights, layers: range, spec: BufferSpec, cos: torch.Tensor, sin: torch.Tensor,
+                 candidates: int, first: bool, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, hidden: torch.Tensor | None = None) -> None:
+        super().__init__()
+        d = weights.dims
+        self.dims = d
+        self.layers = [weights.layers[i] for i in layers]
+        self.depth = layers.stop
+        self.first = first
+        self.candidates = candidates
+        self.embed = weights.embed if first else None
+        self.final_norm = weights.final_norm
+        self.lm_head = weights.lm_head
+        adapter = weights.adapters.get(layers.stop)
+        self.adapter_w, self.adapter_b = adapter if adapter else (None, None)
+        self.cos, self.sin = cos, sin
+        self.spec = spec
+        self.k_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
+        self.v_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
+        # explorer k reads the hidden states explorer k-1 left here; in one
+        # process all explorers share one buffer, across processes each has its own
+        self.hidden = hidden if hidden is not None else torch.zeros(spec.hidden_rows, d.hidden, device=device, dtype=dtype)
+        self.key_index = torch.arange(spec.kv_rows, device=device)
+        # per-request sampling table, written at admission
+        self.temperature = torch.zeros(spec.max_batch, device=device)
+        self.top_k = torch.zeros(spec.max_batch, dtype=torch.long, device=device)
+        self.top_p = torch.ones(spec.max_batch, device=device)
+        self.seed = torch.zeros(spec.max_batch, dtype=torch.long, device=device)
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
+                request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.embed[token]
+        else:
+            x = self.hidden.index_select(0, slot)
+        keys = self.key_index[None, :]
+        mask = (keys >= lo[:, None]) & (keys < hi[:, None])
+        mask = mask.scatter(1, anc, True)
+        cos = self.cos[position]
+        sin = self.sin[position]
+        for lw, k_buf, v_buf in zip(self.layers, self.k_bufs, self.v_bufs):
+            x = layer_forward(x, lw, self.dims, cos, sin, k_buf, v_buf, kv_row, mask)
+        self.hidden.index_copy_(0, slot, x)
+        r = x
+        if self.adapter_w is not None:
+            r = r + torch.nn.functional.linear(r, self.adapter_w, self.adapter_b)
+        logits = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
+        # the readout at this depth proposes the token for position + 1
+        scores = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
+                                  self.seed[request], position + 1)
+        return torch.topk(scores, self.candidates, dim=-1).indices
+
+    def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        """Move finished nodes' K/V from lattice rows to committed rows."""
+        for k_buf, v_buf in zip(self.k_bufs, self.v_bufs):
+            k_buf.index_copy_(0, dst_rows, k_buf.index_select(0, src_rows))
+            v_buf.index_copy_(0, dst_rows, v_buf.index_select(0, src_rows))
+
+    def set_sampling(self, index: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        self.temperature[index] = temperature
+        self.top_k[index] = top_k
+        self.top_p[index] = top_p
+        self.seed[index] = seed
