@@ -1,6 +1,7 @@
 """Key properties of the rendered chart (what the issue asks for, asserted on real output)."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -263,3 +264,19 @@ def test_dashboards_configmap_loads_every_json(tmp_path) -> None:
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert set(cm["data"]) == {"a.json", "b.json"}
     assert cm["data"]["a.json"] == '{"title": "A"}'
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        p = f"{prefix}.{k}" if prefix else k
+        out += _leaf_keys(v, p) if isinstance(v, dict) and v else [p]
+    return out
+
+
+def test_readme_values_table_covers_values_yaml() -> None:
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+    missing = [k for k in _leaf_keys(values) if k not in documented and not any(k.startswith(d + ".") for d in documented)]
+    assert not missing, f"README values table lacks: {missing}"
