@@ -3,13 +3,17 @@
 # Build from the repo root:  docker build -f deploy/docker/gateway.Dockerfile -t dexserve/gateway:0.1.0 .
 FROM python:3.11.9-slim-bookworm
 
+# Caches go to /tmp: the chart mounts an emptyDir there under a read-only root filesystem.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DEX_HOST=0.0.0.0 \
     DEX_PORT=50051 \
-    DEX_METRICS_PORT=9464
+    DEX_METRICS_PORT=9464 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/huggingface
 
 # Fixed uid/gid 10001: the Helm chart's securityContext.runAsUser matches it.
 RUN groupadd --system --gid 10001 dex \

@@ -6,6 +6,7 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ARG DEBIAN_FRONTEND=noninteractive
+# Caches go to /tmp: the chart mounts an emptyDir there under a read-only root filesystem.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,7 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     DEX_METRICS_PORT=9465 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/huggingface
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
