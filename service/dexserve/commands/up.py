@@ -1,0 +1,158 @@
+"""`dex up`: Redis (private, unless REDIS_URL is set), the gateway and N workers on this machine.
+
+Each part is its own process started with the same flags a deployment would
+use (`dex gateway`, `dex worker`), so `dex up` exercises the real service.
+With --max-workers above --workers it scales workers on consumer-group lag
+(entries after the group's last-delivered-id; see dexserve.queue.lag).
+Ctrl-C / SIGTERM stops workers first (they finish or hand back), then the
+gateway, then Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dexserve.queue.config import add_queue_arguments, queue_flags, queue_from_args
+
+SCALE_PERIOD_S = 2.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dexserve.worker.config import add_engine_arguments
+
+    parser.add_argument("--host", default=os.environ.get("DEX_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DEX_PORT", 50051)))
+    parser.add_argument("--workers", type=int, default=1, help="workers to start")
+    parser.add_argument("--min-workers", type=int, default=None, help="autoscale floor (default: --workers)")
+    parser.add_argument("--max-workers", type=int, default=None, help="autoscale ceiling (default: --workers)")
+    parser.add_argument("--data-dir", default=None, help="private Redis data dir (default: a temp dir)")
+    parser.add_argument("--auth-token", default=os.environ.get("DEX_AUTH_TOKEN") or None)
+    add_engine_arguments(parser)
+    add_queue_arguments(parser)
+    parser.set_defaults(redis_url=os.environ.get("REDIS_URL"))  # None here means: start a private Redis
+
+
+def _engine_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--engine", args.engine, "--explorers", str(args.explorers), "--width", str(args.width),
+             "--mode", args.mode, "--executor", args.executor, "--max-context", str(args.max_context),
+             "--max-batch", str(args.max_batch), "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
+    if args.model:
+        flags += ["--model", args.model]
+    if args.compile:
+        flags.append("--compile")
+    if args.engine == "standin" and args.standin_delay:
+        flags += ["--standin-delay", str(args.standin_delay)]
+    return flags
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.redis = None
+        self.gateway: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def start(self) -> None:
+        args = self.args
+        if not args.redis_url:
+            from dexserve.queue.embedded import EmbeddedRedis
+
+            data = Path(args.data_dir or tempfile.mkdtemp(prefix="dex-redis-"))
+            self.redis = EmbeddedRedis(data).start()
+            args.redis_url = self.redis.url
+            print(f"redis     {self.redis.url} (pid {self.redis.proc.pid}, data {data})", flush=True)
+        gw_cmd = [sys.executable, "-m", "dexserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
+                  "--max-context", str(args.max_context), "--max-new-tokens-limit", str(args.max_new_tokens_limit),
+                  *queue_flags(args)]
+        if args.model:
+            gw_cmd += ["--model", args.model]
+        env = dict(os.environ)
+        if args.auth_token:
+            env["DEX_AUTH_TOKEN"] = args.auth_token
+        self.gateway = subprocess.Popen(gw_cmd, env=env)
+        for _ in range(args.workers):
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        cmd = [sys.executable, "-m", "dexserve.cli", "worker", *_engine_flags(self.args), *queue_flags(self.args)]
+        self.workers.append(subprocess.Popen(cmd))
+
+    def remove_worker(self) -> None:
+        proc = self.workers.pop()
+        proc.send_signal(signal.SIGTERM)   # it finishes or hands back what it holds
+
+    def healthy(self) -> bool:
+        return self.gateway is not None and self.gateway.poll() is None
+
+    def autoscale(self, lo: int, hi: int) -> None:
+        import redis as redis_sync
+
+        from dexserve.queue.lag import group_lag
+
+        names, _ = queue_from_args(self.args)
+        client = redis_sync.Redis.from_url(self.args.redis_url)
+        while not self.stopping and self.healthy():
+            self.workers = [w for w in self.workers if w.poll() is None] + []
+            lag = group_lag(client, names)
+            if lag > 0 and len(self.workers) < hi:
+                self.add_worker()
+                print(f"autoscale: lag {lag} → {len(self.workers)} workers", flush=True)
+            elif lag == 0 and len(self.workers) > lo:
+                self.remove_worker()
+                print(f"autoscale: idle → {len(self.workers)} workers", flush=True)
+            while len(self.workers) < lo:
+                self.add_worker()
+            time.sleep(SCALE_PERIOD_S)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for w in self.workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            try:
+                w.wait(35)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        if self.gateway and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGTERM)
+            try:
+                self.gateway.wait(10)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    lo = args.min_workers if args.min_workers is not None else args.workers
+    hi = args.max_workers if args.max_workers is not None else args.workers
+    stack = Stack(args)
+
+    def on_signal(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        print(f"dex up: serving on {args.host}:{args.port} with {args.workers} worker(s); Ctrl-C to stop", flush=True)
+        if hi > lo:
+            stack.autoscale(lo, hi)
+        while stack.healthy():
+            time.sleep(0.5)
+        print("gateway exited", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
