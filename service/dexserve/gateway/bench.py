@@ -1,0 +1,107 @@
+"""Service benchmark: `python -m dexserve.gateway.bench [--concurrency 1 10 100] [--json]`.
+
+Isolates the service: workers run the stand-in engine, which commits a token
+per request per round with no model behind it, so what is measured is the
+queue and the gateway. For each concurrency it reports commit-to-client
+latency (worker commit timestamp → chunk received by the client; same host,
+same clock) p50/p99 and streamed tokens/s through the gateway. Redis, the
+gateway and the workers are separate processes, as in `dex up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from dexserve.client import build_request
+from dexserve.queue.embedded import EmbeddedRedis, free_port
+from dexserve.v1 import dex_pb2_grpc
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+async def _one(stub, i: int, tokens: int, latencies: list[float]) -> int:
+    n = 0
+    async for chunk in stub.Generate(build_request(f"bench {i} {time.time_ns()}", max_new_tokens=tokens), timeout=300):
+        now = time.time_ns()
+        if chunk.token_ids:
+            latencies.extend([(now - chunk.commit_unix_nanos) / 1e6] * len(chunk.token_ids))
+            n += len(chunk.token_ids)
+    return n
+
+
+async def _level(address: str, concurrency: int, tokens: int) -> dict:
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = dex_pb2_grpc.DexServiceStub(ch)
+        await _one(stub, -1, 2, [])   # warm the path
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(_one(stub, i, tokens, latencies) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+    total = sum(counts)
+    return {"concurrency": concurrency, "streams": concurrency, "tokens": total, "seconds": round(wall, 3),
+            "tokens_per_s": round(total / wall, 1), "per_stream_tokens_per_s": round(total / wall / concurrency, 1),
+            "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3),
+            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=128)
+    parser.add_argument("--json", action="store_true", help="print only the JSON")
+    args = parser.parse_args(argv)
+
+    from dexserve.worker.standin import write_standin_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="dex-bench-"))
+    model = write_standin_model(tmp / "standin-model")
+    server = EmbeddedRedis(tmp / "redis").start()
+    port = free_port()
+    common = ["--redis-url", server.url, "--queue-prefix", "bench"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "gateway", "--port", str(port), "--model",
+                               str(model), "--log-level", "WARNING", *common], env=env, stdout=subprocess.DEVNULL)]
+    procs += [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "worker", "--engine", "standin", "--model",
+                                str(model), "--max-batch", str(args.max_batch), "--log-level", "WARNING", *common],
+                               env=env) for _ in range(args.workers)]
+    address = f"127.0.0.1:{port}"
+    try:
+        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=120)
+        results = [asyncio.run(_level(address, c, args.tokens)) for c in args.concurrency]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        server.stop()
+    report = {"engine": "standin (instant commit)", "tokens_per_stream": args.tokens, "workers": args.workers,
+              "cpus": os.cpu_count(), "levels": results}
+    if not args.json:
+        print(f"{'streams':>8} {'tokens/s':>10} {'per stream':>11} {'p50 ms':>8} {'p99 ms':>8}")
+        for r in results:
+            print(f"{r['concurrency']:>8} {r['tokens_per_s']:>10} {r['per_stream_tokens_per_s']:>11} "
+                  f"{r['commit_to_client_ms_p50']:>8} {r['commit_to_client_ms_p99']:>8}")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
