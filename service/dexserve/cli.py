@@ -19,19 +19,23 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """Every command is listed; only the chosen one's module is imported."""
     parser = argparse.ArgumentParser(prog="dex", description="dexserve: lossless depth-exploration decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(f"dexserve.commands.{name}")
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+        if name == chosen:
+            module = importlib.import_module(f"dexserve.commands.{name}")
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen).parse_args(argv)
     sys.exit(args._module.run(args))
 
 

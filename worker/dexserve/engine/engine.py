@@ -25,6 +25,7 @@ from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.engine.model_card import ModelCard, ModelLoadError
 from dexserve.engine.records import RoundRecord
 from dexserve.engine.request import FinishReason, Finished, GenerationRequest, InvalidRequest, TokenEvent
+from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec
 from dexserve.engine.text import TextStream
 from dexserve.engine.validation import Limits, validate_request
@@ -99,13 +100,23 @@ class Engine:
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens)
-        spec = executor.spec
-        self.lattice = Lattice(LatticeConfig(
-            explorers=spec.explorers, widths=spec.widths, slots=spec.buffers.lattice_slots,
-            spawn_boundaries=parse_mode(config.mode, spec.explorers), decs=config.decs, policy=config.policy,
-            max_context=config.max_context))
         self._active: dict[str, _Active] = {}
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
+        self.reconfigure(config.mode, config.decs, config.policy)
+
+    def reconfigure(self, mode: str, decs: bool, policy: Policy | None = None) -> None:
+        """Switch mode/DECS/policy between requests: the executor and its
+        weights stay, the lattice and the statistics start afresh."""
+        if self._active:
+            raise RuntimeError("reconfigure() needs an idle engine")
+        spec = self.executor.spec
+        self.config.mode, self.config.decs = mode, decs
+        self.config.policy = policy or self.config.policy
+        self.lattice = Lattice(LatticeConfig(
+            explorers=spec.explorers, widths=spec.widths, slots=spec.buffers.lattice_slots,
+            spawn_boundaries=parse_mode(mode, spec.explorers), decs=decs, policy=self.config.policy,
+            max_context=self.config.max_context))
+        self.stats = RunStats(spec.explorers)
 
     # ---- construction ----------------------------------------------------
     @classmethod
@@ -192,11 +203,14 @@ class Engine:
     def step(self) -> StepResult:
         if not self._active:
             return StepResult(None)
-        plan = self.lattice.plan()
         t0 = time.perf_counter()
+        plan = self.lattice.plan()
+        t1 = time.perf_counter()
         readout = self.executor.run(plan)
-        seconds = time.perf_counter() - t0
-        record = dataclasses.replace(self.lattice.advance(readout), seconds=seconds)
+        t2 = time.perf_counter()
+        record = self.lattice.advance(readout)
+        record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
+        self.stats.observe(record)
         result = StepResult(record)
         for c in record.commits:
             act = self._active[c.request_id]

@@ -1,0 +1,89 @@
+"""`dex bench`: ar, every select:J, dex (DECS on and off) and the EAD oracle on
+the same prompts; a table, or with --json one object keyed by mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dexserve.commands.engine_options import add_engine_arguments, engine_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p, modes=False)
+    p.add_argument("--prompts", default=None,
+                   help="JSONL file, one {\"prompt\": ...} per line (default: the shipped model's held-out prompts)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset, e.g. ar,select:2,dex,dex-nodecs (default: all)")
+    p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (greedy)")
+    p.add_argument("--hf-layerskip", default=None,
+                   help="comma-separated exit layers E for HF generate(assistant_early_exit=E)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dexserve.engine.bench import hf_baseline, load_prompts, run_mode
+    from dexserve.engine.engine import Engine
+    from dexserve.engine.model_card import ModelCard
+
+    card = ModelCard.load(args.model)
+    prompts_path = args.prompts or card.path / "heldout_prompts.jsonl"
+    prompts = load_prompts(prompts_path, args.limit)
+    cfg = engine_config(args, mode="ar")
+    cfg.max_batch = 1
+    engine = Engine.load(args.model, cfg)
+    K = args.explorers
+    modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]
+    if args.modes:
+        modes = ["ar"] + [m for m in args.modes.split(",") if m != "ar"]
+    # warm-up (compilation, allocator) outside the measurement
+    run_mode(engine, "ar", True, prompts[:1], 4)
+    results: dict[str, dict] = {}
+    reference = None
+    for mode in modes:
+        decs = mode != "dex-nodecs"
+        r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
+                     with_oracle=(mode == "ar"))
+        if mode == "ar":
+            reference = r.outputs
+        results[mode] = r.summary(reference)
+        if r.oracle is not None:
+            results["ead-oracle"] = {"rpt": r.oracle.rpt, "accept_hist": r.oracle.accept_hist,
+                                     "tokens": r.oracle.commits, "identical_to_ar": True}
+        print(f"[bench] {mode}: rpt={results[mode]['rpt']} tok/s={results[mode]['tokens_per_s']}", file=sys.stderr)
+    if args.hf:
+        s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens)
+        results["hf-generate"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
+    for e in (args.hf_layerskip.split(",") if args.hf_layerskip else []):
+        s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens, assistant_early_exit=int(e))
+        results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
+    meta = {"model": card.name, "explorers": K, "width": args.width, "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
+            "compile": args.compile}
+    doc = {"config": meta, "modes": results}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(doc))
+    return 0
+
+
+def format_table(doc: dict) -> str:
+    cols = ("rpt", "tokens_per_s", "fallback_rate", "wasted_node_segments", "identical_to_ar", "accept_hist")
+    lines = [f"model {doc['config']['model']}  K={doc['config']['explorers']}  W={doc['config']['width']}  "
+             f"prompts={doc['config']['prompts']}  max_new_tokens={doc['config']['max_new_tokens']}",
+             "| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for mode, r in doc["modes"].items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(" ".join(f"{k}:{n}" for k, n in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Engine flags, one definition for every command that builds an engine
+(`dex generate`, `dex bench`, `dex worker`, `dex up`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_MAX_CONTEXT = 512
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=os.environ.get("DEX_MODEL_DIR") or None,
+                   help="local checkpoint directory (env DEX_MODEL_DIR; default: the shipped dexcode-6m)")
+    g.add_argument("--explorers", "-K", type=int, default=int(os.environ.get("DEX_EXPLORERS", 4)),
+                   help="depth explorers K (2..layers); the layer stack is cut into K even segments")
+    g.add_argument("--width", "-W", type=int, default=int(os.environ.get("DEX_WIDTH", 8)),
+                   help="capacity W: rows each explorer runs per round")
+    if modes:
+        g.add_argument("--mode", default="dex", help="dex | ar | select:J (spawn only at boundary J)")
+    g.add_argument("--no-decs", dest="decs", action="store_false",
+                   help="turn off depth-coupled sampling (each boundary proposes its own top-1)")
+    g.add_argument("--policy", choices=("priority", "oldest"), default="priority",
+                   help="which nodes run when capacity binds")
+    g.add_argument("--max-context", type=int, default=int(os.environ.get("DEX_MAX_CONTEXT", DEFAULT_MAX_CONTEXT)),
+                   help="positions per request (prompt + generated)")
+    g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)),
+                   help="requests decoded together")
+    g.add_argument("--executor", choices=("reference", "distributed"), default="reference",
+                   help="reference: all explorers in this process; distributed: one process per explorer")
+    g.add_argument("--device", default=os.environ.get("DEX_DEVICE", "cpu"), help="cpu or cuda")
+    g.add_argument("--compile", action="store_true", help="torch.compile each explorer step (fullgraph)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run steps eagerly instead of replaying captured graphs")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def engine_config(args: argparse.Namespace, mode: str | None = None):
+    from dexserve.engine.engine import EngineConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
+                        decs=args.decs, policy=args.policy, max_context=args.max_context, max_batch=args.max_batch,
+                        executor=args.executor, device=args.device, compile=args.compile,
+                        cuda_graphs=args.cuda_graphs)

@@ -1,0 +1,101 @@
+"""`dex bench`'s measurements: every mode on the same prompts, same engine.
+
+One engine (weights and buffers loaded once) is reconfigured per mode, so
+`ar`, every `select:J` and `dex` run the same code path on the same model; the
+EAD oracle is folded from the `ar` run's records. Prompts run one at a time,
+so rounds per token (RPT) and tokens/s are per-stream figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dexserve.engine.engine import Engine
+from dexserve.engine.oracle import OracleResult, ead_oracle
+from dexserve.engine.records import RoundRecord
+from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.engine.stats import RunStats
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in rows]
+    return prompts[:limit] if limit else prompts
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    stats: RunStats
+    tokens: int = 0
+    seconds: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
+    oracle: OracleResult | None = None
+
+    def summary(self, reference: list[list[int]] | None) -> dict:
+        s = self.stats
+        return {
+            "rpt": s.rpt, "tokens": self.tokens, "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else None,
+            "accept_hist": s.accept_hist, "fallback_rate": s.fallback_rate,
+            "wasted_node_segments": s.wasted_node_segments, "node_segments": s.node_segments,
+            "mean_occupancy": s.mean_occupancy, "rounds": s.rounds,
+            "ms_per_round": round(1e3 * (self.seconds / s.rounds), 4) if s.rounds else None,
+            "executor_ms_per_round": round(1e3 * s.seconds / s.rounds, 4) if s.rounds else None,
+            "lattice_ms_per_round": round(1e3 * s.lattice_seconds / s.rounds, 4) if s.rounds else None,
+            "identical_to_ar": None if reference is None else self.outputs == reference,
+        }
+
+
+def run_mode(engine: Engine, mode: str, decs: bool, prompts: list[str], max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), with_oracle: bool = False) -> ModeResult:
+    engine.reconfigure(mode, decs)
+    result = ModeResult(mode=mode, stats=engine.stats)
+    oracle = OracleResult(engine.executor.spec.explorers) if with_oracle else None
+    for i, prompt in enumerate(prompts):
+        req = GenerationRequest(request_id=f"bench-{i}", prompt=prompt, max_new_tokens=max_new_tokens,
+                                sampling=sampling)
+        records: list[RoundRecord] = []
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        engine.add(req)
+        done = False
+        while not done:
+            res = engine.step()
+            if res.record is not None:
+                records.append(res.record)
+            tokens.extend(ev.token_id for ev in res.tokens)
+            done = bool(res.finished)
+        result.seconds += time.perf_counter() - t0
+        result.tokens += len(tokens)
+        result.outputs.append(tokens)
+        if oracle is not None:
+            oracle.add(ead_oracle(records, engine.executor.spec.explorers))
+    result.oracle = oracle
+    return result
+
+
+def hf_baseline(model_dir: Path, prompts: list[str], max_new_tokens: int,
+                assistant_early_exit: int | None = None) -> tuple[float, int, list[list[int]]]:
+    """Hugging Face `generate` greedy (optionally LayerSkip self-speculation) on
+    the same prompts: (seconds, tokens, outputs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+    seconds, tokens, outputs = 0.0, 0, []
+    kwargs = {"assistant_early_exit": assistant_early_exit} if assistant_early_exit else {}
+    eos = model.generation_config.eos_token_id
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, **kwargs)
+        seconds += time.perf_counter() - t0
+        new = out[0, ids.shape[1]:].tolist()
+        tokens += len(new)
+        outputs.append(new)
+    return seconds, tokens, outputs

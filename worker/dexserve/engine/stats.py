@@ -1,0 +1,59 @@
+"""Run statistics folded from round records (never recomputed elsewhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dexserve.engine.records import FALLBACK, RoundRecord
+
+
+@dataclass
+class RunStats:
+    explorers: int
+    rounds: int = 0
+    commits: int = 0
+    fallbacks: int = 0
+    node_segments: int = 0
+    wasted_node_segments: int = 0
+    spawns: int = 0
+    occupancy_sum: int = 0
+    seconds: float = 0.0
+    lattice_seconds: float = 0.0
+    by_boundary: dict[int, int] = field(default_factory=dict)
+
+    def observe(self, rec: RoundRecord) -> None:
+        self.rounds += 1
+        self.commits += len(rec.commits)
+        self.node_segments += rec.node_segments
+        self.wasted_node_segments += rec.wasted_node_segments
+        self.spawns += len(rec.spawns)
+        self.occupancy_sum += rec.live_nodes
+        self.seconds += rec.seconds
+        self.lattice_seconds += rec.lattice_seconds
+        for c in rec.commits:
+            self.by_boundary[c.boundary] = self.by_boundary.get(c.boundary, 0) + 1
+            if c.boundary == FALLBACK:
+                self.fallbacks += 1
+
+    @property
+    def rpt(self) -> float | None:
+        """Rounds per committed token (meaningful for one request at a time)."""
+        return round(self.rounds / self.commits, 4) if self.commits else None
+
+    @property
+    def accept_hist(self) -> dict[str, int]:
+        hist = {str(b): self.by_boundary.get(b, 0) for b in range(1, self.explorers)}
+        hist["fallback"] = self.by_boundary.get(FALLBACK, 0)
+        return hist
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return round(self.fallbacks / self.commits, 4) if self.commits else None
+
+    @property
+    def mean_occupancy(self) -> float | None:
+        return round(self.occupancy_sum / self.rounds, 3) if self.rounds else None
+
+    @property
+    def seconds_per_round(self) -> float | None:
+        return self.seconds / self.rounds if self.rounds else None
