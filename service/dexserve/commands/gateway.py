@@ -14,12 +14,16 @@ __all__ = ["add_arguments", "run"]
 
 def run(args: argparse.Namespace) -> int:
     from dexserve.gateway.server import Gateway
+    from dexserve.telemetry.process import start_gateway_telemetry
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s gateway %(levelname)s %(message)s")
     config = config_from_args(args)
 
+    telemetry = start_gateway_telemetry(config)
+
     async def main() -> None:
-        gw = await Gateway.start(config)
+        gw = await Gateway.start(config, telemetry.observer)
+        telemetry.set_ready()
         print(f"dex gateway listening on {config.host}:{gw.port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -28,5 +32,8 @@ def run(args: argparse.Namespace) -> int:
         await stop.wait()
         await gw.stop(5.0)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        telemetry.shutdown()
     return 0

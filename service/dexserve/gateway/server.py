@@ -72,7 +72,8 @@ class Gateway:
         client = aioredis.Redis.from_url(config.redis_url, max_connections=None)
         queue = RequestQueue(client, config.names, config.settings)
         servicer = DexServicer(queue, served, observer)
-        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        interceptors = list(getattr(observer, "interceptors", ()))   # telemetry first: it sees auth failures
+        interceptors += [BearerAuth(config.auth_token)] if config.auth_token else []
         server = grpc.aio.server(interceptors=interceptors)
         server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()

@@ -56,12 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    from dexserve.telemetry.process import start_worker_telemetry
+
+    telemetry = start_worker_telemetry()       # /healthz is 503 until the engine has loaded
     names, settings = queue_from_args(args)
     engine = make_engine(engine_choice(args))
     client = redis.Redis.from_url(args.redis_url, health_check_interval=30)
     worker = Worker(engine, WorkerQueue(client, names, settings, args.consumer),
-                    pod_guard=default_pod_guard(), grace_s=args.grace)
+                    observer=telemetry.observer(engine, names), pod_guard=default_pod_guard(), grace_s=args.grace)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
+    telemetry.set_ready()
     log.info("worker %s ready (engine %s, queue %s)", args.consumer, args.engine, names.requests)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        telemetry.shutdown()

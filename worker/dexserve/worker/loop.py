@@ -183,9 +183,9 @@ class Worker:
         t0 = time.perf_counter()
         cancelled = self.queue.publish_round(events, done, watch)
         publish_s = time.perf_counter() - t0
+        self.observer.on_round(result.record, result.tokens, result.finished, publish_s)  # before finish: last commit's event
         for fin in result.finished:
             self._release(fin.request_id, fin)
-        self.observer.on_round(result.record, result.tokens, result.finished, publish_s)
         if cancelled:
             self._cancel(cancelled)
 

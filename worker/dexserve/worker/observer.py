@@ -19,7 +19,8 @@ class WorkerObserver:
 
     def on_round(self, record: RoundRecord | None, tokens: list[TokenEvent], finished: list[Finished],
                  publish_seconds: float) -> None:
-        """One engine round ran and its tokens were published."""
+        """One engine round ran and its tokens were published; called before
+        `on_request_finish` of the requests this round finished."""
 
     def on_request_finish(self, request_id: str, finished: Finished) -> None:
         """The request finished (any reason, cancel included) and was acknowledged."""
