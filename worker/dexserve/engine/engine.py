@@ -19,7 +19,7 @@ from typing import Iterator, Literal
 
 import torch
 
-from dexserve.engine.executor import Executor, ExecutorSpec, ReferenceExecutor, even_boundaries
+from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.engine.model_card import ModelCard, ModelLoadError
@@ -75,6 +75,15 @@ class EngineConfig:
         if min(w) < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
         return w
+
+
+class EngineFailure(RuntimeError):
+    """The executor failed; the listed requests are lost (their clients get an
+    error) and the engine has already restarted its executor for new work."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -187,9 +196,13 @@ class Engine:
         if not self._free_rows:
             raise RuntimeError("engine is full: check has_capacity() before add()")
         index = self._free_rows.pop()
-        self.executor.set_sampling(index, req.sampling)
-        if len(ids) > 1:
-            self.executor.prefill(index, ids[:-1])
+        try:
+            self.executor.set_sampling(index, req.sampling)
+            if len(ids) > 1:
+                self.executor.prefill(index, ids[:-1])
+        except ExecutorFailure as exc:
+            self._free_rows.append(index)
+            raise self._recover(exc, [req.request_id]) from exc
         self.lattice.add_request(req.request_id, index, ids[-1], len(ids) - 1)
         self._active[req.request_id] = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
 
@@ -206,7 +219,10 @@ class Engine:
         t0 = time.perf_counter()
         plan = self.lattice.plan()
         t1 = time.perf_counter()
-        readout = self.executor.run(plan)
+        try:
+            readout = self.executor.run(plan)
+        except ExecutorFailure as exc:
+            raise self._recover(exc, []) from exc
         t2 = time.perf_counter()
         record = self.lattice.advance(readout)
         record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
@@ -230,6 +246,17 @@ class Engine:
             if reason is not None:
                 result.finished.append(self._finish(act, reason))
         return result
+
+    def _recover(self, exc: ExecutorFailure, extra: list[str]) -> EngineFailure:
+        """Drop every request in flight, restart the executor, start a fresh lattice."""
+        lost = list(self._active) + extra
+        self._active.clear()
+        self._free_rows = list(range(self.config.max_batch - 1, -1, -1))
+        self.executor.restart()
+        stats = self.stats
+        self.reconfigure(self.config.mode, self.config.decs)
+        self.stats = stats
+        return EngineFailure(f"decoding failed and was restarted: {exc}", lost)
 
     def _finish(self, act: _Active, reason: FinishReason) -> Finished:
         self.lattice.remove_request(act.req.request_id)

@@ -42,12 +42,18 @@ class ExecutorSpec:
         return range(self.boundaries[k], self.boundaries[k + 1])
 
 
+class ExecutorFailure(RuntimeError):
+    """The executor lost state it cannot rebuild in place (e.g. an explorer process
+    died). The engine fails the requests it held and restarts the executor."""
+
+
 class Executor(Protocol):
     spec: ExecutorSpec
 
     def set_sampling(self, index: int, params: SamplingParams) -> None: ...
     def prefill(self, index: int, token_ids: Sequence[int]) -> None: ...
     def run(self, plan: Plan) -> Readout: ...
+    def restart(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -192,6 +198,9 @@ class ReferenceExecutor:
         dst = torch.tensor([r.request_index * b.max_context + r.position for r in plan.retire], device=self.spec.device)
         for s in steps:
             s.retire(src, dst)
+
+    def restart(self) -> None:
+        """Nothing to rebuild: stale KV rows are never visible to a new request."""
 
     def close(self) -> None:
         pass

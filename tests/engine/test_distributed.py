@@ -1,0 +1,76 @@
+"""Explorers in K processes over torch.distributed (gloo) commit exactly what
+the reference executor does; a dead explorer fails its requests clearly and the
+engine recovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from conftest import shipped_available
+from dexserve.engine.engine import Engine, EngineConfig, EngineFailure
+from dexserve.engine.model_card import shipped_model_dir
+from dexserve.engine.request import GenerationRequest, SamplingParams, TokenEvent
+
+PROMPTS = [(5, 77, 300, 12, 900, 41), (1,), tuple(range(1, 40))]
+SAMPLINGS = [SamplingParams(), SamplingParams(0.9, 20, 0.9, 7)]
+
+
+def decode(eng: Engine, prompts, sampling: SamplingParams, new: int = 14) -> list[list[int]]:
+    """All prompts together (batch mix), each request's committed tokens."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        eng.add(GenerationRequest(f"p{i}", prompt_ids=p, max_new_tokens=new, ignore_eos=True, sampling=sampling))
+        out[f"p{i}"] = []
+    while eng.active:
+        for ev in eng.step().tokens:
+            out[ev.request_id].append(ev.token_id)
+    return [out[f"p{i}"] for i in range(len(prompts))]
+
+
+def models(tiny_dirs):
+    yield str(tiny_dirs["qwen3"])
+    if shipped_available():
+        yield str(shipped_model_dir())
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_distributed_equals_reference(tiny_dirs, K):
+    for path in models(tiny_dirs):
+        cfg = dict(explorers=K, width=4, max_context=96, max_batch=3, prefill_chunk=16)
+        ref = Engine.load(path, EngineConfig(**cfg))
+        dist = Engine.load(path, EngineConfig(**cfg, executor="distributed"))
+        try:
+            prompts = [p for p in PROMPTS]
+            for sampling in SAMPLINGS:
+                for mode in ("dex", "ar", "select:1"):
+                    ref.reconfigure(mode, True)
+                    dist.reconfigure(mode, True)
+                    assert decode(dist, prompts, sampling) == decode(ref, prompts, sampling), (path, mode, sampling)
+        finally:
+            dist.close()
+
+
+def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs):
+    path = str(tiny_dirs["llama"])
+    eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1, executor="distributed"))
+    try:
+        expected = decode(Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)),
+                          [(3, 4, 5)], SamplingParams())
+        eng.add(GenerationRequest("doomed", prompt_ids=(9, 9, 9), max_new_tokens=40, ignore_eos=True))
+        for _ in range(3):
+            eng.step()
+        (pid,) = eng.executor.pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineFailure) as exc:
+            for _ in range(50):
+                eng.step()
+        assert "doomed" in exc.value.request_ids
+        assert "explorer" in str(exc.value)
+        assert eng.active == 0
+        assert decode(eng, [(3, 4, 5)], SamplingParams()) == expected  # fresh explorers serve the next request
+        assert eng.executor.pids() and eng.executor.pids()[0] != pid
+    finally:
+        eng.close()
