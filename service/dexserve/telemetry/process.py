@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics
 
 from dexserve.telemetry import tracing
 from dexserve.telemetry.endpoint import GATEWAY_METRICS_PORT, WORKER_METRICS_PORT, MetricsServer, metrics_port
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 class ProcessTelemetry:
     def __init__(self, service: str, default_port: int, registry: CollectorRegistry = REGISTRY) -> None:
+        disable_created_metrics()     # `*_created` series double the count and no dashboard reads them
         self.registry = registry
         self.provider = tracing.setup_tracing(service)
         self.tracer = tracing.get_tracer(self.provider)
