@@ -34,6 +34,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run steps eagerly instead of replaying captured graphs")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--max-new-tokens-limit", type=int, default=int(os.environ.get("DEX_MAX_NEW_TOKENS", 1024)),
+                   help="largest max_new_tokens a request may ask for (env DEX_MAX_NEW_TOKENS)")
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The argv that reproduces these engine flags in a child process (`dex up` -> workers)."""
+    flags = ["--explorers", str(args.explorers), "--width", str(args.width), "--policy", args.policy,
+             "--max-context", str(args.max_context), "--max-batch", str(args.max_batch),
+             "--executor", args.executor, "--device", args.device,
+             "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
+    if hasattr(args, "mode"):
+        flags += ["--mode", args.mode]
+    if args.model:
+        flags += ["--model", args.model]
+    if not args.decs:
+        flags.append("--no-decs")
+    if args.compile:
+        flags.append("--compile")
+    if not args.cuda_graphs:
+        flags.append("--no-cuda-graphs")
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    return flags
 
 
 def engine_config(args: argparse.Namespace, mode: str | None = None):
@@ -46,4 +69,4 @@ def engine_config(args: argparse.Namespace, mode: str | None = None):
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
                         decs=args.decs, policy=args.policy, max_context=args.max_context, max_batch=args.max_batch,
                         executor=args.executor, device=args.device, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs)
+                        cuda_graphs=args.cuda_graphs, max_new_tokens=args.max_new_tokens_limit)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from dexserve.queue.config import add_queue_arguments, queue_flags, queue_from_args
+from dexserve.worker.config import engine_flags
 
 SCALE_PERIOD_S = 2.0
 
@@ -37,19 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     add_queue_arguments(parser)
     parser.set_defaults(redis_url=os.environ.get("REDIS_URL"))  # None here means: start a private Redis
-
-
-def _engine_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--engine", args.engine, "--explorers", str(args.explorers), "--width", str(args.width),
-             "--mode", args.mode, "--executor", args.executor, "--max-context", str(args.max_context),
-             "--max-batch", str(args.max_batch), "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
-    if args.model:
-        flags += ["--model", args.model]
-    if args.compile:
-        flags.append("--compile")
-    if args.engine == "standin" and args.standin_delay:
-        flags += ["--standin-delay", str(args.standin_delay)]
-    return flags
 
 
 class Stack:
@@ -82,7 +70,7 @@ class Stack:
             self.add_worker()
 
     def add_worker(self) -> None:
-        cmd = [sys.executable, "-m", "dexserve.cli", "worker", *_engine_flags(self.args), *queue_flags(self.args)]
+        cmd = [sys.executable, "-m", "dexserve.cli", "worker", *engine_flags(self.args), *queue_flags(self.args)]
         self.workers.append(subprocess.Popen(cmd))
 
     def remove_worker(self) -> None:

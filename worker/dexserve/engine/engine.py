@@ -24,7 +24,8 @@ from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.engine.model_card import ModelCard, ModelLoadError
 from dexserve.engine.records import RoundRecord
-from dexserve.engine.request import FinishReason, Finished, GenerationRequest, InvalidRequest, TokenEvent
+from dexserve.engine.request import (EngineFailure, FinishReason, Finished, GenerationRequest, InvalidRequest,
+                                     TokenEvent)
 from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec
 from dexserve.engine.text import TextStream
@@ -75,15 +76,6 @@ class EngineConfig:
         if min(w) < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
         return w
-
-
-class EngineFailure(RuntimeError):
-    """The executor failed; the listed requests are lost (their clients get an
-    error) and the engine has already restarted its executor for new work."""
-
-    def __init__(self, message: str, request_ids: list[str]) -> None:
-        super().__init__(message)
-        self.request_ids = request_ids
 
 
 @dataclass

@@ -73,3 +73,12 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class EngineFailure(RuntimeError):
+    """The executor failed; the listed requests are lost (their clients get an
+    error) and the engine has already restarted its executor for new work."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids

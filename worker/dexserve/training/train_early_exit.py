@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", type=int, default=64, help="held-out benchmark prompts to write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training the checkpoint already in --out (its tokenizer is kept)")
     args = p.parse_args(argv)
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "training_log.jsonl", "w")
+    log = open(args.out / "training_log.jsonl", "a" if args.resume else "w")
     t0 = time.time()
 
     files = stdlib_files()
@@ -87,8 +89,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import random
     rng = random.Random(args.seed)
-    tok_sample = rng.sample([f.text for f in train_files], k=min(1500, len(train_files)))
-    tokenizer = train_tokenizer(tok_sample, args.vocab, args.out)
+    if args.resume:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.out, local_files_only=True)
+    else:
+        tok_sample = rng.sample([f.text for f in train_files], k=min(1500, len(train_files)))
+        tokenizer = train_tokenizer(tok_sample, args.vocab, args.out)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
 
     ids: list[int] = []
@@ -109,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
                       num_key_value_heads=args.kv_heads, max_position_embeddings=1024,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    model = LlamaForCausalLM(cfg)
+    previous = None
+    if args.resume:
+        model = LlamaForCausalLM.from_pretrained(args.out, local_files_only=True, dtype=torch.float32)
+        previous = json.loads((args.out / "training_summary.json").read_text())
+    else:
+        model = LlamaForCausalLM(cfg)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + (1000 if args.resume else 0))
     budget = args.minutes * 60.0
     train_start = time.time()
     step = 0
@@ -165,9 +177,17 @@ def main(argv: list[str] | None = None) -> None:
         val_losses = [round(l.item(), 4) for l in losses(vb)]
     model.config.use_cache = True
     model.save_pretrained(args.out, safe_serialization=True)
+    if previous is not None:
+        summary_prev = previous.get("stages", [previous])
+    else:
+        summary_prev = []
     summary = {"steps": step, "minutes": round((time.time() - train_start) / 60, 1),
                "train_tokens_seen": step * args.batch * args.seq, "params": n_params,
                "val_loss_per_depth": val_losses, "seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}}
+    summary["stages"] = summary_prev + [{k: v for k, v in summary.items() if k != "stages"}]
+    summary["total_steps"] = sum(st["steps"] for st in summary["stages"])
+    summary["total_train_tokens_seen"] = sum(st["train_tokens_seen"] for st in summary["stages"])
+    summary["total_minutes"] = round(sum(st["minutes"] for st in summary["stages"]), 1)
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(summary, flush=True)
 

@@ -12,36 +12,33 @@ import redis
 
 from dexserve.queue.config import add_queue_arguments, queue_from_args
 from dexserve.queue.consumer import WorkerQueue
-from dexserve.worker.engines import EngineChoice, make_engine
+from dexserve.worker.engines import make_engine
 from dexserve.worker.loop import Worker, default_pod_guard
 
 log = logging.getLogger("dexserve.worker")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine flags, shared with `dex up` (which forwards them)."""
-    g = parser.add_argument_group("engine")
+    """Engine flags (shared with `dex generate/bench/up`) plus the worker's engine choice."""
+    from dexserve.commands.engine_options import add_engine_arguments as add_dex_engine_arguments
+
+    add_dex_engine_arguments(parser)
+    g = parser.add_argument_group("engine choice")
     g.add_argument("--engine", choices=("dex", "standin"), default=os.environ.get("DEX_ENGINE", "dex"))
-    g.add_argument("--model", default=os.environ.get("DEX_MODEL_DIR") or None,
-                   help="checkpoint directory (env DEX_MODEL_DIR; default: the shipped model)")
-    g.add_argument("--explorers", type=int, default=4)
-    g.add_argument("--width", type=int, default=8)
-    g.add_argument("--mode", default="dex")
-    g.add_argument("--executor", default="reference")
-    g.add_argument("--max-context", type=int, default=int(os.environ.get("DEX_MAX_CONTEXT", 512)))
-    g.add_argument("--max-new-tokens-limit", type=int, default=int(os.environ.get("DEX_MAX_NEW_TOKENS", 1024)),
-                   help="largest max_new_tokens a request may ask (env DEX_MAX_NEW_TOKENS)")
-    g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)))
-    g.add_argument("--compile", action="store_true")
     g.add_argument("--standin-delay", type=float, default=0.0, help="stand-in engine: seconds per round")
     g.add_argument("--standin-poison", default=None, help="stand-in engine: prompts containing this fail")
 
 
-def engine_choice(args: argparse.Namespace) -> EngineChoice:
-    return EngineChoice(kind=args.engine, model_dir=args.model, explorers=args.explorers, width=args.width,
-                        mode=args.mode, max_context=args.max_context, max_new_tokens=args.max_new_tokens_limit, max_batch=args.max_batch,
-                        executor=args.executor, compile=args.compile, standin_delay_s=args.standin_delay,
-                        standin_poison=args.standin_poison)
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """argv reproducing the engine flags for a worker process (used by `dex up`)."""
+    from dexserve.commands.engine_options import engine_flags as dex_engine_flags
+
+    flags = ["--engine", args.engine, *dex_engine_flags(args)]
+    if args.engine == "standin" and args.standin_delay:
+        flags += ["--standin-delay", str(args.standin_delay)]
+    if args.standin_poison:
+        flags += ["--standin-poison", args.standin_poison]
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     telemetry = start_worker_telemetry()       # /healthz is 503 until the engine has loaded
     names, settings = queue_from_args(args)
-    engine = make_engine(engine_choice(args))
+    engine = make_engine(args)
     client = redis.Redis.from_url(args.redis_url, health_check_interval=30)
     worker = Worker(engine, WorkerQueue(client, names, settings, args.consumer),
                     observer=telemetry.observer(engine, names), pod_guard=default_pod_guard(), grace_s=args.grace)

@@ -2,27 +2,14 @@
 
 The worker and the tests take the engine through this factory, so a test
 chooses with one string and the loop never imports torch for the stand-in.
+The real engine's flags are `dexserve.commands.engine_options`, shared with
+`dex generate`, `dex bench` and `dex up`.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class EngineChoice:
-    kind: str = "dex"                  # "dex" | "standin"
-    model_dir: str | None = None       # None = the shipped model
-    explorers: int = 4
-    width: int = 8
-    mode: str = "dex"
-    max_context: int = 512
-    max_new_tokens: int = 1024
-    max_batch: int = 4
-    executor: str = "reference"
-    compile: bool = False
-    standin_delay_s: float = 0.0
-    standin_poison: str | None = None
 
 
 @dataclass
@@ -34,18 +21,15 @@ class StandinConfig:
     max_new_tokens: int = 1024
 
 
-def make_engine(choice: EngineChoice):
-    if choice.kind == "standin":
+def make_engine(args: argparse.Namespace):
+    if args.engine == "standin":
         from dexserve.worker.standin import InstantEngine
 
-        return InstantEngine.load(choice.model_dir, StandinConfig(choice.max_context, choice.max_batch, choice.max_new_tokens),
-                                  step_delay_s=choice.standin_delay_s, poison=choice.standin_poison)
-    if choice.kind == "dex":
-        from dexserve.engine.engine import Engine, EngineConfig
+        return InstantEngine.load(args.model, StandinConfig(args.max_context, args.max_batch, args.max_new_tokens_limit),
+                                  step_delay_s=args.standin_delay, poison=args.standin_poison)
+    if args.engine == "dex":
+        from dexserve.commands.engine_options import engine_config
+        from dexserve.engine.engine import Engine
 
-        config = EngineConfig(explorers=choice.explorers, width=choice.width, mode=choice.mode,
-                              max_context=choice.max_context, max_batch=choice.max_batch,
-                              max_new_tokens=choice.max_new_tokens,
-                              compile=choice.compile, executor=choice.executor)
-        return Engine.load(choice.model_dir, config)
-    raise ValueError(f"unknown engine {choice.kind!r} (dex | standin)")
+        return Engine.load(args.model, engine_config(args))
+    raise ValueError(f"unknown engine {args.engine!r} (dex | standin)")

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dexserve.engine.request import Finished, FinishReason, InvalidRequest
+from dexserve.engine.request import EngineFailure, Finished, FinishReason, InvalidRequest
 from dexserve.queue.codec import finish_message, to_generation_request, token_messages
 from dexserve.queue.consumer import Entry, WorkerQueue
 from dexserve.v1 import dex_pb2 as pb
@@ -24,6 +24,7 @@ from dexserve.worker.observer import WorkerObserver
 log = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = 3
+UNAVAILABLE = 14
 IDLE_BLOCK_MS = 200
 
 
@@ -159,7 +160,11 @@ class Worker:
 
     # ---- rounds ----------------------------------------------------------
     def _round(self) -> None:
-        result = self.engine.step()
+        try:
+            result = self.engine.step()
+        except EngineFailure as exc:
+            self._lost(exc)
+            return
         now = time.time_ns()
         events: dict[str, pb.StreamEvent] = {}
 
@@ -188,6 +193,18 @@ class Worker:
             self._release(fin.request_id, fin)
         if cancelled:
             self._cancel(cancelled)
+
+    def _lost(self, exc: EngineFailure) -> None:
+        """The engine lost its requests (an explorer died) and restarted: each
+        client gets UNAVAILABLE with the reason; the worker keeps serving."""
+        log.error("engine failure: %s", exc)
+        for rid in exc.request_ids:
+            held = self.held.get(rid)
+            if held is None:
+                continue
+            self.queue.fail(held.entry, UNAVAILABLE, str(exc))
+            self.observer.on_request_failed(rid, UNAVAILABLE, str(exc))
+            self._release(rid, Finished(rid, FinishReason.CANCELLED, 0, 0))
 
     def _cancel(self, rids: set[str]) -> None:
         """Stop flagged requests now (before the next round) and tell their clients."""
