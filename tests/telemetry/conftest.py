@@ -23,7 +23,8 @@ import pytest
 
 from dexserve.queue.protocol import QueueNames
 from dexserve.telemetry.receiver import OtlpReceiver
-from service.conftest import TEST_SETTINGS, names, queue_flags, rclient, redis_server  # noqa: F401 (fixtures)
+from service.conftest import (TEST_SETTINGS, names, queue_flags, rclient, redis_server,  # noqa: F401 (fixtures)
+                             standin_model)
 
 ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256",
                 "--max-new-tokens-limit", "64"]

@@ -25,6 +25,7 @@ from dexserve.gateway.observer import GatewayObserver
 from dexserve.queue.protocol import QueueNames
 from dexserve.telemetry import tracing as t
 from dexserve.telemetry.metrics import GatewayMetrics
+from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _metadata_carrier(details: grpc.HandlerCallDetails) -> dict[str, str]:
 def _request_attributes(request) -> dict:
     """GenAI request attributes the client set (defaults are filled in later: the worker's span has them all)."""
     attrs: dict = {t.GEN_AI_OPERATION: t.TEXT_COMPLETION}
-    if not hasattr(request, "HasField"):      # a request the lenient deserializer could not read
+    if not isinstance(request, pb.GenerateRequest):   # ListModels, or a request the lenient deserializer could not read
         return attrs
     if request.model:
         attrs[t.GEN_AI_MODEL] = request.model
