@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, StepRunner
+from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, StepRunner, plan_samples
 from dexserve.engine.lattice import Plan, Readout
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.engine.model_card import ModelCard
@@ -38,7 +38,6 @@ from dexserve.engine.request import SamplingParams
 from dexserve.engine.step import ExplorerStep, StepInputs
 
 CMD_ROUND, CMD_PREFILL, CMD_SAMPLING, CMD_STOP = 1, 2, 3, 4
-HEADER = 8
 FIELDS = 7  # token, position, slot, kv_row, request, lo, hi (+ A ancestor rows)
 TIMEOUT = timedelta(seconds=60)
 
@@ -66,13 +65,15 @@ class PlanCodec:
 
     def __init__(self, spec: ExecutorSpec) -> None:
         self.spec = spec
+        # header: cmd, rows per explorer (K), retire count, sampled flag; or a command's arguments
+        self.header = max(8, spec.explorers + 3)
         A = spec.buffers.ancestors
         self.row = FIELDS + A
         self.sizes = [w * self.row for w in spec.widths]
         self.retire_max = spec.buffers.max_batch
         self.prefill_size = spec.buffers.prefill_rows * self.row
-        self.round_size = HEADER + sum(self.sizes) + 2 * self.retire_max
-        self.size = max(self.round_size, HEADER + self.prefill_size)
+        self.round_size = self.header + sum(self.sizes) + 2 * self.retire_max
+        self.size = max(self.round_size, self.header + self.prefill_size)
 
     @staticmethod
     def pack_inputs(x: StepInputs) -> torch.Tensor:
@@ -114,7 +115,7 @@ class _Rank:
         return self.spec.explorers
 
     def slots_of(self, payload: torch.Tensor, k: int) -> torch.Tensor:
-        off = HEADER + sum(self.codec.sizes[:k])
+        off = self.codec.header + sum(self.codec.sizes[:k])
         return self.codec.unpack_inputs(payload[off:off + self.codec.sizes[k]], self.spec.widths[k]).slot
 
     @torch.no_grad()
@@ -122,8 +123,9 @@ class _Rank:
         """Run this explorer's part of a round; returns its ranked candidates [Wmax, M]."""
         counts = payload[1:1 + self.world].tolist()
         n_retire = int(payload[1 + self.world])
+        sampled = bool(payload[2 + self.world])
         if n_retire:
-            off = HEADER + sum(self.codec.sizes)
+            off = self.codec.header + sum(self.codec.sizes)
             r = payload[off:off + 2 * self.codec.retire_max].view(2, self.codec.retire_max)[:, :n_retire]
             self.step.retire(r[0], r[1])
         k = self.rank
@@ -131,9 +133,9 @@ class _Rank:
         cand = torch.zeros(wmax, self.spec.candidates, dtype=torch.long, device=self.device)
         sent = None
         if counts[k]:
-            off = HEADER + sum(self.codec.sizes[:k])
+            off = self.codec.header + sum(self.codec.sizes[:k])
             inputs = self.codec.unpack_inputs(payload[off:off + self.codec.sizes[k]], self.spec.widths[k])
-            out = self.runner(inputs)
+            out = self.runner(inputs, sampled)
             cand[: out.shape[0]] = out
             if k + 1 < self.world:
                 sent = dist.isend(self.step.hidden.index_select(0, inputs.slot).contiguous(), k + 1)
@@ -149,12 +151,12 @@ class _Rank:
     def prefill(self, payload: torch.Tensor) -> None:
         """Prefill runs the explorers in sequence: hidden states flow down the pipe."""
         P = self.spec.buffers.prefill_rows
-        inputs = self.codec.unpack_inputs(payload[HEADER:HEADER + self.codec.prefill_size], P)
+        inputs = self.codec.unpack_inputs(payload[self.codec.header:self.codec.header + self.codec.prefill_size], P)
         if self.rank > 0:
             buf = torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
             dist.recv(buf, self.rank - 1)
             self.step.hidden.index_copy_(0, inputs.slot, buf)
-        self.prefill_runner(inputs)
+        self.prefill_runner(inputs, sampled=False)
         if self.rank + 1 < self.world:
             dist.send(self.step.hidden.index_select(0, inputs.slot).contiguous(), self.rank + 1)
 
@@ -228,7 +230,7 @@ class DistributedExecutor:
         self.local = _Rank.build(0, self.card, self.spec)
         self.packer = RowPacker(self.spec.buffers, ModelDims.from_config(self.card.config).sliding_window)
         self.payload = torch.zeros(self.codec.size, dtype=torch.long, device=self.local.device)
-        self._sampling: dict[int, SamplingParams] = {}
+        self.sampled = [False] * self.spec.buffers.max_batch
 
     def restart(self) -> None:
         """Bring up a fresh set of explorers after a failure (lattice state is gone)."""
@@ -267,6 +269,7 @@ class DistributedExecutor:
         self._guard(self._set_sampling, index, params)
 
     def _set_sampling(self, index: int, params: SamplingParams) -> None:
+        self.sampled[index] = not params.greedy
         self.payload.zero_()
         self.payload[1:6] = torch.tensor([index, _f2i(params.temperature), params.top_k, _f2i(params.top_p),
                                           params.seed & 0xFFFFFFFF])
@@ -281,7 +284,7 @@ class DistributedExecutor:
         for start in range(0, len(token_ids), P):
             x = self.packer.prefill(index, token_ids[start:start + P], start, P)
             self.payload.zero_()
-            self.payload[HEADER:HEADER + self.codec.prefill_size] = PlanCodec.pack_inputs(x).to(self.payload.device)
+            self.payload[self.codec.header:self.codec.header + self.codec.prefill_size] = PlanCodec.pack_inputs(x).to(self.payload.device)
             self._send(CMD_PREFILL)
             self.local.prefill(self.payload)
 
@@ -290,9 +293,10 @@ class DistributedExecutor:
 
     def _run(self, plan: Plan) -> Readout:
         K = self.spec.explorers
-        flat = [torch.zeros(HEADER, dtype=torch.long)]
+        flat = [torch.zeros(self.codec.header, dtype=torch.long)]
         flat[0][1:1 + K] = torch.tensor([len(r) for r in plan.rows])
         flat[0][1 + K] = len(plan.retire)
+        flat[0][2 + K] = plan_samples(plan, self.sampled)
         for rows, w in zip(plan.rows, self.spec.widths):
             flat.append(PlanCodec.pack_inputs(self.packer.lattice(rows, w)))
         b = self.spec.buffers

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from dexserve.engine.lattice import Plan, PlanRow, Readout
@@ -73,83 +74,105 @@ class StepRunner:
         self.device = torch.device(spec.device)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
         self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_in: tuple[torch.Tensor, ...] | None = None
-        self.static_out: torch.Tensor | None = None
+        # one captured graph per variant (greedy / sampled), with its static inputs and output
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
-    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+    def __call__(self, inputs: StepInputs, sampled: bool = True) -> torch.Tensor:
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
-            return self.fn(*args)
-        if self.graph is None:
-            self._capture(args)
-        assert self.static_in is not None and self.static_out is not None and self.graph is not None
-        for dst, src in zip(self.static_in, args):
+            return self.fn(*args, sampled=sampled)
+        if sampled not in self.graphs:
+            self.graphs[sampled] = self._capture(args, sampled)
+        graph, static_in, static_out = self.graphs[sampled]
+        for dst, src in zip(static_in, args):
             dst.copy_(src, non_blocking=True)
-        self.graph.replay()
-        return self.static_out
+        graph.replay()
+        return static_out
 
-    def _capture(self, args: tuple[torch.Tensor, ...]) -> None:
+    def _capture(self, args: tuple[torch.Tensor, ...], sampled: bool):
         """Warm up on a side stream, then capture with static input buffers.
-        Warm-up rows all point at scratch rows so no real state changes."""
-        self.static_in = tuple(a.clone() for a in args)
+        The warm-up and capture inputs are padding rows (scratch KV and hidden
+        rows), so capturing changes no real state."""
+        pad = RowPacker.padding(self.step.spec, self.width)
+        static_in = tuple(p.to(self.device) for p in pad.as_tuple())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.fn(*self.static_in)
+                self.fn(*static_in, sampled=sampled)
         torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = self.fn(*self.static_in)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(*static_in, sampled=sampled)
+        return graph, static_in, static_out
 
 
 class RowPacker:
-    """Turns plan rows into the static-shaped index tensors of a step."""
+    """Turns plan rows into the static-shaped index tensors of a step.
+    Rows are filled in one numpy array and handed to torch without copies."""
 
     def __init__(self, buffers: BufferSpec, sliding_window: int | None) -> None:
         self.b = buffers
         self.window = sliding_window
 
-    def pad(self, width: int) -> StepInputs:
-        b = self.b
-        return StepInputs(
-            token=torch.zeros(width, dtype=torch.long), position=torch.zeros(width, dtype=torch.long),
-            slot=torch.full((width,), b.hidden_scratch, dtype=torch.long),
-            kv_row=torch.full((width,), b.kv_scratch, dtype=torch.long),
-            request=torch.zeros(width, dtype=torch.long), lo=torch.zeros(width, dtype=torch.long),
-            hi=torch.zeros(width, dtype=torch.long),
-            anc=torch.full((width, b.ancestors), b.kv_scratch, dtype=torch.long))
+    @staticmethod
+    def _padded(b: BufferSpec, width: int) -> np.ndarray:
+        """[width, 7 + A] int64: token, position, slot, kv_row, request, lo, hi, ancestors.
+        Padding rows read and write only scratch rows and see only the scratch KV row."""
+        m = np.zeros((width, 7 + b.ancestors), dtype=np.int64)
+        m[:, 2] = b.hidden_scratch
+        m[:, 3] = b.kv_scratch
+        m[:, 7:] = b.kv_scratch
+        return m
 
-    def _ctx_range(self, request_index: int, position: int, ctx_len: int) -> tuple[int, int]:
-        base = request_index * self.b.max_context
+    @staticmethod
+    def _inputs(m: np.ndarray) -> StepInputs:
+        t = torch.from_numpy(m)
+        return StepInputs(*(t[:, i] for i in range(7)), anc=t[:, 7:])
+
+    @classmethod
+    def padding(cls, b: BufferSpec, width: int) -> StepInputs:
+        return cls._inputs(cls._padded(b, width))
+
+    def _lo(self, request_index: int, position: int) -> int:
         start = 0 if self.window is None else max(0, position - self.window + 1)
-        return base + start, base + ctx_len
+        return request_index * self.b.max_context + start
 
     def lattice(self, rows: Sequence[PlanRow], width: int) -> StepInputs:
-        x = self.pad(width)
+        b = self.b
+        m = self._padded(b, width)
         for i, r in enumerate(rows):
-            own = self.b.lattice_kv_row(r.slot)
-            x.token[i], x.position[i], x.slot[i], x.kv_row[i], x.request[i] = r.token, r.position, r.slot, own, r.request_index
-            x.lo[i], x.hi[i] = self._ctx_range(r.request_index, r.position, r.ctx_len)
-            anc = [self.b.lattice_kv_row(s) for s in r.ancestor_slots]
-            if len(anc) > self.b.ancestors:
-                raise RuntimeError(f"node {r.node} has {len(anc)} uncommitted ancestors, more than {self.b.ancestors}")
-            x.anc[i] = torch.tensor(anc + [own] * (self.b.ancestors - len(anc)))
-        return x
+            own = b.lattice_kv_row(r.slot)
+            anc = [b.lattice_kv_row(s) for s in r.ancestor_slots]
+            if len(anc) > b.ancestors:
+                raise RuntimeError(f"node {r.node} has {len(anc)} uncommitted ancestors, more than {b.ancestors}")
+            m[i, :7] = (r.token, r.position, r.slot, own, r.request_index, self._lo(r.request_index, r.position),
+                        r.request_index * b.max_context + r.ctx_len)
+            m[i, 7:] = own
+            m[i, 7:7 + len(anc)] = anc
+        return self._inputs(m)
 
     def prefill(self, index: int, token_ids: Sequence[int], start: int, width: int) -> StepInputs:
         """Rows for prompt positions start..start+len-1, written straight to the context."""
-        x = self.pad(width)
-        base = index * self.b.max_context
-        for i, tok in enumerate(token_ids):
-            pos = start + i
-            x.token[i], x.position[i], x.request[i] = tok, pos, index
-            x.slot[i] = self.b.lattice_slots + i
-            x.kv_row[i] = base + pos
-            x.lo[i], x.hi[i] = self._ctx_range(index, pos, pos)
-            x.anc[i] = base + pos
-        return x
+        b = self.b
+        m = self._padded(b, width)
+        n = len(token_ids)
+        pos = np.arange(start, start + n)
+        base = index * b.max_context
+        m[:n, 0] = token_ids
+        m[:n, 1] = pos
+        m[:n, 2] = b.lattice_slots + np.arange(n)
+        m[:n, 3] = base + pos
+        m[:n, 4] = index
+        m[:n, 5] = [self._lo(index, p) for p in pos] if self.window else base
+        m[:n, 6] = base + pos
+        m[:n, 7:] = (base + pos)[:, None]
+        return self._inputs(m)
+
+
+def plan_samples(plan: Plan, sampled: Sequence[bool]) -> bool:
+    """Host-side: does any row of this round sample? (picks the step variant)"""
+    return any(sampled[r.request_index] for rows in plan.rows for r in rows)
 
 
 class ReferenceExecutor:
@@ -166,8 +189,10 @@ class ReferenceExecutor:
                       for k in range(spec.explorers)]
         self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
         self.prefill_runners = [StepRunner(s, spec.buffers.prefill_rows, spec) for s in self.steps]
+        self.sampled = [False] * spec.buffers.max_batch  # per request row: does it sample?
 
     def set_sampling(self, index: int, params: SamplingParams) -> None:
+        self.sampled[index] = not params.greedy
         for s in self.steps:
             s.set_sampling(index, params.temperature, params.top_k, params.top_p, params.seed)
 
@@ -177,14 +202,15 @@ class ReferenceExecutor:
         for start in range(0, len(token_ids), P):
             inputs = self.packer.prefill(index, token_ids[start:start + P], start, P)
             for runner in self.prefill_runners:
-                runner(inputs)
+                runner(inputs, sampled=False)  # prefill readouts are not used
 
     @torch.no_grad()
     def run(self, plan: Plan) -> Readout:
         self.apply_retire(plan, self.steps)
+        sampled = plan_samples(plan, self.sampled)
         outs = []
         for rows, runner in zip(plan.rows, self.runners):
-            outs.append(runner(self.packer.lattice(rows, runner.width)) if rows else None)
+            outs.append(runner(self.packer.lattice(rows, runner.width), sampled) if rows else None)
         # the one host sync of the round
         return Readout(tuple(
             tuple(tuple(c) for c in out[: len(rows)].tolist()) if out is not None else ()

@@ -112,7 +112,11 @@ class ExplorerStep(nn.Module):
         self.seed = torch.zeros(spec.max_batch, dtype=torch.long, device=device)
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
-                request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
+                request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
+                sampled: bool = True) -> torch.Tensor:
+        """`sampled=False` is the greedy variant (no filtering, no noise): the
+        executor picks it, host-side, when no row of the round samples. Each
+        variant is its own static graph."""
         if self.first:
             x = self.embed[token]
         else:
@@ -130,9 +134,10 @@ class ExplorerStep(nn.Module):
             r = r + torch.nn.functional.linear(r, self.adapter_w, self.adapter_b)
         logits = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
         # the readout at this depth proposes the token for position + 1
-        scores = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
-                                  self.seed[request], position + 1)
-        return torch.topk(scores, self.candidates, dim=-1).indices
+        if sampled:
+            logits = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
+                                      self.seed[request], position + 1)
+        return torch.topk(logits, self.candidates, dim=-1).indices
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
