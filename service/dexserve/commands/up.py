@@ -2,8 +2,15 @@
 
 Each part is its own process started with the same flags a deployment would
 use (`dex gateway`, `dex worker`), so `dex up` exercises the real service.
-With --max-workers above --workers it scales workers on consumer-group lag
-(entries after the group's last-delivered-id; see dexserve.queue.lag).
+With --max-workers above --min-workers it scales workers on consumer-group lag
+(entries after the group's last-delivered-id; see dexserve.queue.lag), the
+signal the Helm chart's KEDA trigger reads: every --scale-interval seconds it
+adds one worker while lag > 0, and removes one after lag has stayed 0 for
+--scale-down-after seconds (a cooldown, like KEDA's) -- only a worker that
+holds no request (XPENDING per consumer), so busy workers are never
+interrupted; the removed one gets SIGTERM and drains anyway (finishes or
+hands back whatever it took in between). Each change prints a line
+`autoscale: workers=N lag=L (up|down|replace)` on stdout.
 Ctrl-C / SIGTERM stops workers first (they finish or hand back), then the
 gateway, then Redis.
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +30,8 @@ from pathlib import Path
 from dexserve.queue.config import add_queue_arguments, queue_flags, queue_from_args
 from dexserve.worker.config import engine_flags
 
-SCALE_PERIOD_S = 2.0
+SCALE_PERIOD_S = 2.0          # default --scale-interval
+SCALE_DOWN_AFTER_S = 30.0     # default --scale-down-after
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="workers to start")
     parser.add_argument("--min-workers", type=int, default=None, help="autoscale floor (default: --workers)")
     parser.add_argument("--max-workers", type=int, default=None, help="autoscale ceiling (default: --workers)")
+    parser.add_argument("--scale-interval", type=float,
+                        default=float(os.environ.get("DEX_SCALE_INTERVAL_S", SCALE_PERIOD_S)),
+                        help="seconds between autoscale checks (env DEX_SCALE_INTERVAL_S)")
+    parser.add_argument("--scale-down-after", type=float,
+                        default=float(os.environ.get("DEX_SCALE_DOWN_AFTER_S", SCALE_DOWN_AFTER_S)),
+                        help="seconds of zero lag before removing a worker (env DEX_SCALE_DOWN_AFTER_S)")
     parser.add_argument("--data-dir", default=None, help="private Redis data dir (default: a temp dir)")
     parser.add_argument("--auth-token", default=os.environ.get("DEX_AUTH_TOKEN") or None)
     add_engine_arguments(parser)
@@ -46,9 +61,10 @@ class Stack:
         self.redis = None
         self.gateway: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.draining: list[subprocess.Popen] = []   # removed by the autoscaler, still finishing their requests
         self.stopping = False
 
-    def start(self) -> None:
+    def start(self, n_workers: int | None = None) -> None:
         args = self.args
         if not args.redis_url:
             from dexserve.queue.embedded import EmbeddedRedis
@@ -66,16 +82,24 @@ class Stack:
         if args.auth_token:
             env["DEX_AUTH_TOKEN"] = args.auth_token
         self.gateway = subprocess.Popen(gw_cmd, env=env)
-        for _ in range(args.workers):
+        for _ in range(args.workers if n_workers is None else n_workers):
             self.add_worker()
 
     def add_worker(self) -> None:
         cmd = [sys.executable, "-m", "dexserve.cli", "worker", *engine_flags(self.args), *queue_flags(self.args)]
         self.workers.append(subprocess.Popen(cmd))
 
-    def remove_worker(self) -> None:
-        proc = self.workers.pop()
-        proc.send_signal(signal.SIGTERM)   # it finishes or hands back what it holds
+    def remove_worker(self, busy: set[int] = frozenset()) -> bool:
+        """SIGTERM the newest worker that holds nothing; False if all are busy.
+        It drains (finishes or hands back what it took meanwhile) and is waited for in stop()."""
+        idle = [w for w in self.workers if w.pid not in busy]
+        if not idle:
+            return False
+        proc = idle[-1]
+        self.workers.remove(proc)
+        proc.send_signal(signal.SIGTERM)
+        self.draining.append(proc)
+        return True
 
     def healthy(self) -> bool:
         return self.gateway is not None and self.gateway.poll() is None
@@ -87,25 +111,50 @@ class Stack:
 
         names, _ = queue_from_args(self.args)
         client = redis_sync.Redis.from_url(self.args.redis_url)
+        idle_since = time.monotonic()
         while not self.stopping and self.healthy():
-            self.workers = [w for w in self.workers if w.poll() is None] + []
+            self.workers = [w for w in self.workers if w.poll() is None]
+            self.draining = [w for w in self.draining if w.poll() is None]   # reaps the finished ones
             lag = group_lag(client, names)
-            if lag > 0 and len(self.workers) < hi:
-                self.add_worker()
-                print(f"autoscale: lag {lag} → {len(self.workers)} workers", flush=True)
-            elif lag == 0 and len(self.workers) > lo:
-                self.remove_worker()
-                print(f"autoscale: idle → {len(self.workers)} workers", flush=True)
-            while len(self.workers) < lo:
-                self.add_worker()
-            time.sleep(SCALE_PERIOD_S)
+            now = time.monotonic()
+            if lag > 0:
+                idle_since = now
+                if len(self.workers) < hi:
+                    self.add_worker()
+                    print(f"autoscale: workers={len(self.workers)} lag={lag} (up)", flush=True)
+            elif (len(self.workers) > lo and now - idle_since >= self.args.scale_down_after
+                  and self.remove_worker(self._busy_pids(client, names))):
+                idle_since = now          # one step per cooldown, as KEDA/HPA stabilisation does
+                print(f"autoscale: workers={len(self.workers)} lag={lag} (down)", flush=True)
+            if len(self.workers) < lo:
+                while len(self.workers) < lo:
+                    self.add_worker()
+                print(f"autoscale: workers={len(self.workers)} lag={lag} (replace)", flush=True)
+            time.sleep(self.args.scale_interval)
+
+    @staticmethod
+    def _busy_pids(client, names) -> set[int]:
+        """PIDs of workers holding entries (consumer name is host-pid, the worker's default)."""
+        from dexserve.queue.protocol import GROUP
+
+        prefix = f"{socket.gethostname()}-"
+        try:
+            consumers = client.xpending(names.requests, GROUP).get("consumers") or []
+        except Exception:
+            return set()
+        busy = set()
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if int(c.get("pending", 0)) > 0 and name.startswith(prefix) and name[len(prefix):].isdigit():
+                busy.add(int(name[len(prefix):]))
+        return busy
 
     def stop(self) -> None:
         self.stopping = True
         for w in self.workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
-        for w in self.workers:
+        for w in self.workers + self.draining:
             try:
                 w.wait(35)
             except subprocess.TimeoutExpired:
@@ -122,7 +171,11 @@ class Stack:
 
 def run(args: argparse.Namespace) -> int:
     lo = args.min_workers if args.min_workers is not None else args.workers
-    hi = args.max_workers if args.max_workers is not None else args.workers
+    hi = args.max_workers if args.max_workers is not None else max(args.workers, lo)
+    if not 0 <= lo <= hi:
+        print(f"dex up: need 0 <= --min-workers ({lo}) <= --max-workers ({hi})", file=sys.stderr)
+        return 2
+    n_start = min(max(args.workers, lo), hi)
     stack = Stack(args)
 
     def on_signal(*_):
@@ -130,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        stack.start()
-        print(f"dex up: serving on {args.host}:{args.port} with {args.workers} worker(s); Ctrl-C to stop", flush=True)
+        stack.start(n_start)
+        scaling = f" (autoscale {lo}..{hi})" if hi > lo else ""
+        print(f"dex up: serving on {args.host}:{args.port} with {n_start} worker(s){scaling}; Ctrl-C to stop",
+              flush=True)
         if hi > lo:
             stack.autoscale(lo, hi)
         while stack.healthy():
