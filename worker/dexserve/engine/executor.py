@@ -11,6 +11,7 @@ fullgraph, static shapes) or captured once as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -190,6 +191,8 @@ class ReferenceExecutor:
         self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
         self.prefill_runners = [StepRunner(s, spec.buffers.prefill_rows, spec) for s in self.steps]
         self.sampled = [False] * spec.buffers.max_batch  # per request row: does it sample?
+        self.step_seconds = [0.0] * spec.explorers  # wall time per explorer step (CPU: synchronous)
+        self.step_calls = [0] * spec.explorers
 
     def set_sampling(self, index: int, params: SamplingParams) -> None:
         self.sampled[index] = not params.greedy
@@ -209,8 +212,15 @@ class ReferenceExecutor:
         self.apply_retire(plan, self.steps)
         sampled = plan_samples(plan, self.sampled)
         outs = []
-        for rows, runner in zip(plan.rows, self.runners):
-            outs.append(runner(self.packer.lattice(rows, runner.width), sampled) if rows else None)
+        for k, (rows, runner) in enumerate(zip(plan.rows, self.runners)):
+            if not rows:
+                outs.append(None)
+                continue
+            inputs = self.packer.lattice(rows, runner.width)
+            t0 = time.perf_counter()
+            outs.append(runner(inputs, sampled))
+            self.step_seconds[k] += time.perf_counter() - t0
+            self.step_calls[k] += 1
         # the one host sync of the round
         return Readout(tuple(
             tuple(tuple(c) for c in out[: len(rows)].tolist()) if out is not None else ()

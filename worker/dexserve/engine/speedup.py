@@ -1,0 +1,158 @@
+"""Measured speed-up of DEX on K devices over autoregressive decoding and LayerSkip.
+
+    python -m dexserve.engine.speedup --limit 50 --max-new-tokens 64 --json
+
+On this machine the "devices" are CPU cores: DEX with K=2 explorers runs as
+2 processes of 1 thread each (the distributed executor over gloo); `ar` runs
+in one process with 1 and with 2 threads (K=1: the whole stack per round);
+`select:1` runs on the same 2 processes; Hugging Face's own LayerSkip
+self-speculative decoding (`generate(assistant_early_exit=E)`) runs with 2
+threads at its best exit layer. Every variant decodes the same held-out
+prompts greedily and must produce the same tokens.
+
+The projection for K = 4 and 8 uses per-explorer step times measured on the
+reference executor, the measured per-round overhead of the 2-process run
+(messages + lattice), and RPT measured at that K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from dexserve.engine.bench import hf_baseline, load_prompts, run_mode
+from dexserve.engine.engine import Engine, EngineConfig
+from dexserve.engine.model_card import ModelCard
+
+
+def _engine(model: str | None, K: int, W: int, executor: str, compile_: bool, threads: int) -> Engine:
+    torch.set_num_threads(threads)
+    return Engine.load(model, EngineConfig(explorers=K, width=W, max_batch=1, executor=executor, compile=compile_,
+                                           max_context=512))
+
+
+def measure(eng: Engine, mode: str, prompts: list[str], new: int) -> dict:
+    run_mode(eng, mode, True, prompts[:1], 8)  # warm-up (compilation, first allocations)
+    r = run_mode(eng, mode, True, prompts, new)
+    s = r.stats
+    return {"tokens": r.tokens, "seconds": round(r.seconds, 3), "tokens_per_s": round(r.tokens / r.seconds, 2),
+            "rpt": s.rpt, "ms_per_round": round(1e3 * r.seconds / s.rounds, 4), "outputs": r.outputs,
+            "lattice_ms_per_round": round(1e3 * s.lattice_seconds / s.rounds, 4)}
+
+
+def step_times(model: str | None, K: int, W: int, prompts: list[str], new: int, compile_: bool) -> dict:
+    """Per-explorer step time and RPT at K on the reference executor (1 thread)."""
+    eng = _engine(model, K, W, "reference", compile_, 1)
+    run_mode(eng, "dex", True, prompts[:1], 8)
+    ex = eng.executor
+    ex.step_seconds = [0.0] * K
+    ex.step_calls = [0] * K
+    r = run_mode(eng, "dex", True, prompts, new)
+    per_step = [1e3 * t / max(1, n) for t, n in zip(ex.step_seconds, ex.step_calls)]
+    return {"rpt": r.stats.rpt, "step_ms": [round(x, 4) for x in per_step],
+            "lattice_ms_per_round": round(1e3 * r.stats.lattice_seconds / r.stats.rounds, 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--width", type=int, default=2, help="W for the 2-explorer runs")
+    p.add_argument("--compile", action="store_true", help="torch.compile every explorer step")
+    p.add_argument("--exits", default="2,4,6", help="LayerSkip exit layers to try (best is reported)")
+    p.add_argument("--project", default="4,8", help="K values to project")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    card = ModelCard.load(args.model)
+    prompts = load_prompts(args.prompts or card.path / "heldout_prompts.jsonl", args.limit)
+    new = args.max_new_tokens
+    res: dict[str, dict] = {}
+
+    def log(name: str) -> None:
+        print(f"[speedup] {name}: {res[name].get('tokens_per_s')} tok/s rpt={res[name].get('rpt')}", file=sys.stderr)
+
+    for threads in (1, 2):
+        eng = _engine(args.model, 1, 1, "reference", args.compile, threads)
+        res[f"ar-1proc-{threads}t"] = measure(eng, "ar", prompts, new)
+        log(f"ar-1proc-{threads}t")
+    reference = res["ar-1proc-1t"]["outputs"]
+
+    eng = _engine(args.model, 2, args.width, "distributed", args.compile, 1)
+    try:
+        for mode in ("dex", "select:1"):
+            name = f"{mode}-K2-2proc-1t"
+            res[name] = measure(eng, mode, prompts, new)
+            log(name)
+    finally:
+        eng.close()
+
+    torch.set_num_threads(2)
+    best = None
+    for e in [int(x) for x in args.exits.split(",") if x]:
+        s, n, outs = hf_baseline(card.path, prompts, new, assistant_early_exit=e)
+        row = {"tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 2), "exit_layer": e, "outputs": outs}
+        if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
+            best = row
+    if best is not None:
+        res["hf-layerskip-2t"] = best
+        log("hf-layerskip-2t")
+
+    for r in res.values():
+        r["identical_to_ar"] = r.pop("outputs") == reference
+
+    dex = res["dex-K2-2proc-1t"]
+    others = [v["tokens_per_s"] for k, v in res.items() if not k.startswith("dex-")]
+    summary = {"dex_vs_ar_1t": round(dex["tokens_per_s"] / res["ar-1proc-1t"]["tokens_per_s"], 3),
+               "dex_vs_best_other": round(dex["tokens_per_s"] / max(others), 3)}
+
+    # projection: one device per explorer; a round costs the slowest explorer's step plus the
+    # per-round overhead measured in the 2-process run (messages + lattice + packing)
+    k2 = step_times(args.model, 2, args.width, prompts, new, args.compile)
+    overhead_ms = max(0.0, dex["ms_per_round"] - max(k2["step_ms"]))
+    ar_ms_per_token = 1e3 * res["ar-1proc-1t"]["seconds"] / res["ar-1proc-1t"]["tokens"]
+    projection = {"overhead_ms_per_round": round(overhead_ms, 4), "ar_ms_per_token": round(ar_ms_per_token, 4),
+                  "K2": {**k2, "measured_tokens_per_s": dex["tokens_per_s"]}}
+    for K in [int(x) for x in args.project.split(",") if x]:
+        st = step_times(args.model, K, max(args.width, 2 ** (K - 1)), prompts, new, args.compile)
+        round_ms = max(st["step_ms"]) + overhead_ms
+        tps = 1e3 / (st["rpt"] * round_ms)
+        projection[f"K{K}"] = {**st, "round_ms": round(round_ms, 4), "projected_tokens_per_s": round(tps, 2),
+                               "projected_speedup_vs_ar_1t": round(tps * ar_ms_per_token / 1e3, 3),
+                               "ideal_speedup_K_over_rpt": round(K / st["rpt"], 3)}
+    doc = {"config": {"model": card.name, "prompts": len(prompts), "max_new_tokens": new, "width": args.width,
+                      "compile": args.compile}, "runs": res, "summary": summary, "projection": projection}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(doc))
+
+
+def table(doc: dict) -> str:
+    lines = ["| run | tokens/s | RPT | ms/round | identical_to_ar |", "|---|---|---|---|---|"]
+    for name, r in doc["runs"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']} | {r.get('rpt', '')} | {r.get('ms_per_round', '')} | "
+                     f"{r['identical_to_ar']} |")
+    lines.append("")
+    lines.append(f"DEX K=2 (2 procs) vs ar 1 thread: {doc['summary']['dex_vs_ar_1t']}x; "
+                 f"vs best other: {doc['summary']['dex_vs_best_other']}x")
+    for k, v in doc["projection"].items():
+        if k.startswith("K") and "projected_tokens_per_s" in v:
+            lines.append(f"projection {k}: RPT {v['rpt']}, round {v['round_ms']} ms -> "
+                         f"{v['projected_tokens_per_s']} tok/s ({v['projected_speedup_vs_ar_1t']}x ar; ideal K/RPT "
+                         f"{v['ideal_speedup_K_over_rpt']}x)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
