@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (greedy)")
     p.add_argument("--hf-layerskip", default=None,
                    help="comma-separated exit layers E for HF generate(assistant_early_exit=E)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the dex run and report where a round's time goes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON here")
 
@@ -46,8 +48,17 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     for mode in modes:
         decs = mode != "dex-nodecs"
+        profiler = None
+        if args.profile and mode == "dex":
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
                      with_oracle=(mode == "ar"))
+        if profiler is not None:
+            profiler.disable()
+            results["dex-profile"] = round_profile(profiler, r.stats.rounds)
         if mode == "ar":
             reference = r.outputs
         results[mode] = r.summary(reference)
@@ -75,15 +86,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def round_profile(profiler, rounds: int, top: int = 12) -> dict:
+    """Milliseconds per round by function (own time), the top entries."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    rows = sorted(((v[2], f"{k[2]} ({k[0].rsplit('/', 1)[-1]}:{k[1]})") for k, v in stats.items()), reverse=True)
+    return {name: round(1e3 * t / rounds, 4) for t, name in rows[:top]}
+
+
 def format_table(doc: dict) -> str:
     cols = ("rpt", "tokens_per_s", "fallback_rate", "wasted_node_segments", "identical_to_ar", "accept_hist")
     lines = [f"model {doc['config']['model']}  K={doc['config']['explorers']}  W={doc['config']['width']}  "
              f"prompts={doc['config']['prompts']}  max_new_tokens={doc['config']['max_new_tokens']}",
              "| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for mode, r in doc["modes"].items():
+        if mode == "dex-profile":
+            continue
         cells = []
         for c in cols:
             v = r.get(c)
             cells.append(" ".join(f"{k}:{n}" for k, n in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if "dex-profile" in doc["modes"]:
+        lines.append("\nwhere a dex round's time goes (ms per round, own time):")
+        lines.extend(f"  {ms:8.4f}  {name}" for name, ms in doc["modes"]["dex-profile"].items())
     return "\n".join(lines)

@@ -6,6 +6,9 @@ queue and the gateway. For each concurrency it reports commit-to-client
 latency (worker commit timestamp → chunk received by the client; same host,
 same clock) p50/p99 and streamed tokens/s through the gateway. Redis, the
 gateway and the workers are separate processes, as in `dex up`.
+With `--engine dex` the workers run the real engine on the shipped model
+(`--explorers`, `--width`), and time to first token and per-stream tokens/s
+are what to read.
 """
 
 from __future__ import annotations
@@ -35,29 +38,47 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-async def _one(stub, i: int, tokens: int, latencies: list[float]) -> int:
+PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
+
+
+async def _one(stub, i: int, tokens: int, latencies: list[float], ttfts: list[float] | None = None,
+               rates: list[float] | None = None) -> int:
     n = 0
-    async for chunk in stub.Generate(build_request(f"bench {i} {time.time_ns()}", max_new_tokens=tokens), timeout=300):
+    t0 = time.time_ns()
+    first = None
+    request = build_request(f"{PROMPT}# bench {i} {t0}\n", max_new_tokens=tokens)
+    async for chunk in stub.Generate(request, timeout=600):
         now = time.time_ns()
         if chunk.token_ids:
+            if first is None:
+                first = now
             latencies.extend([(now - chunk.commit_unix_nanos) / 1e6] * len(chunk.token_ids))
             n += len(chunk.token_ids)
+    end = time.time_ns()
+    if ttfts is not None and first is not None:
+        ttfts.append((first - t0) / 1e6)
+    if rates is not None and n > 1 and first is not None and end > first:
+        rates.append((n - 1) / ((end - first) / 1e9))
     return n
 
 
 async def _level(address: str, concurrency: int, tokens: int) -> dict:
     latencies: list[float] = []
+    ttfts: list[float] = []
+    rates: list[float] = []
     async with grpc.aio.insecure_channel(address) as ch:
         stub = dex_pb2_grpc.DexServiceStub(ch)
         await _one(stub, -1, 2, [])   # warm the path
         t0 = time.perf_counter()
-        counts = await asyncio.gather(*(_one(stub, i, tokens, latencies) for i in range(concurrency)))
+        counts = await asyncio.gather(*(_one(stub, i, tokens, latencies, ttfts, rates) for i in range(concurrency)))
         wall = time.perf_counter() - t0
     total = sum(counts)
     return {"concurrency": concurrency, "streams": concurrency, "tokens": total, "seconds": round(wall, 3),
             "tokens_per_s": round(total / wall, 1), "per_stream_tokens_per_s": round(total / wall / concurrency, 1),
             "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3),
-            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3)}
+            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3),
+            "ttft_ms_p50": round(_percentile(ttfts, 0.5), 2), "ttft_ms_p99": round(_percentile(ttfts, 0.99), 2),
+            "stream_tokens_per_s_p50": round(_percentile(rates, 0.5), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +87,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=128)
+    parser.add_argument("--engine", choices=("standin", "dex"), default="standin")
+    parser.add_argument("--model", default=None, help="with --engine dex (default: the shipped model)")
+    parser.add_argument("--explorers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (--engine dex)")
     parser.add_argument("--json", action="store_true", help="print only the JSON")
     args = parser.parse_args(argv)
 
     from dexserve.worker.standin import write_standin_model
 
     tmp = Path(tempfile.mkdtemp(prefix="dex-bench-"))
-    model = write_standin_model(tmp / "standin-model")
+    if args.engine == "standin":
+        model = write_standin_model(tmp / "standin-model")
+        engine_flags = ["--engine", "standin", "--model", str(model)]
+    else:
+        from dexserve.engine.model_card import resolve_model_dir
+
+        model = resolve_model_dir(args.model)
+        engine_flags = ["--engine", "dex", "--model", str(model), "--explorers", str(args.explorers),
+                        "--width", str(args.width), "--threads", str(args.threads)]
     server = EmbeddedRedis(tmp / "redis").start()
     port = free_port()
     common = ["--redis-url", server.url, "--queue-prefix", "bench"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "gateway", "--port", str(port), "--model",
                                str(model), "--log-level", "WARNING", *common], env=env, stdout=subprocess.DEVNULL)]
-    procs += [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "worker", "--engine", "standin", "--model",
-                                str(model), "--max-batch", str(args.max_batch), "--log-level", "WARNING", *common],
+    procs += [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "worker", *engine_flags,
+                                "--max-batch", str(args.max_batch), "--log-level", "WARNING", *common],
                                env=env) for _ in range(args.workers)]
     address = f"127.0.0.1:{port}"
     try:
@@ -92,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.wait(30)
         server.stop()
-    report = {"engine": "standin (instant commit)", "tokens_per_stream": args.tokens, "workers": args.workers,
+    engine = "standin (instant commit)" if args.engine == "standin" else f"dex K={args.explorers} W={args.width}"
+    report = {"engine": engine, "tokens_per_stream": args.tokens, "workers": args.workers,
               "cpus": os.cpu_count(), "levels": results}
     if not args.json:
-        print(f"{'streams':>8} {'tokens/s':>10} {'per stream':>11} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'streams':>8} {'tokens/s':>10} {'per stream':>11} {'p50 ms':>8} {'p99 ms':>8} {'TTFT p50':>9} "
+              f"{'TTFT p99':>9}")
         for r in results:
             print(f"{r['concurrency']:>8} {r['tokens_per_s']:>10} {r['per_stream_tokens_per_s']:>11} "
-                  f"{r['commit_to_client_ms_p50']:>8} {r['commit_to_client_ms_p99']:>8}")
+                  f"{r['commit_to_client_ms_p50']:>8} {r['commit_to_client_ms_p99']:>8} {r['ttft_ms_p50']:>9} "
+                  f"{r['ttft_ms_p99']:>9}")
     print(json.dumps(report))
     return 0
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduces every figure in the README's benchmark section, on the shipped model
+# and its held-out prompts. Results land in worker/benchmarks/results/ as JSON.
+# Run on a quiet machine (nothing else using the cores): ~25 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+OUT=worker/benchmarks/results
+mkdir -p "$OUT"
+N=${PROMPTS:-50}
+T=${NEW_TOKENS:-64}
+
+# 1. DEX vs ar vs every select:J vs the EAD oracle, K = 2, 4, 8 (one process, 1 thread)
+for K in 4 2 8; do
+  "$BIN/dex" bench --explorers "$K" --width 8 --limit "$N" --max-new-tokens "$T" --threads 1 \
+      --profile --out "$OUT/bench-k$K.json"
+done
+
+# 2. the engine's own overhead: ar (K=1) against Hugging Face generate, 1 and 2 threads
+for TH in 1 2; do
+  "$BIN/dex" bench --explorers 1 --width 1 --modes ar --hf --limit "$N" --max-new-tokens "$T" \
+      --threads "$TH" --out "$OUT/ar-vs-hf-${TH}t.json"
+done
+
+# 3. explorers on 2 devices (2 processes x 1 thread) vs ar, select:1 and HF LayerSkip; projection K=4, 8
+"$BIN/python" -m dexserve.engine.speedup --limit "$N" --max-new-tokens "$T" --out "$OUT/speedup.json"
+
+# 4. the service: stand-in engine (isolates gateway + queue), then the real engine
+"$BIN/python" -m dexserve.gateway.bench --concurrency 1 10 100 --tokens 64 --json > "$OUT/service-standin.json"
+"$BIN/python" -m dexserve.gateway.bench --engine dex --explorers 4 --width 8 --concurrency 1 4 \
+    --tokens 64 --max-batch 4 --json > "$OUT/service-dex.json"
+
+# 5. tracing overhead on the shipped model
+"$BIN/python" -m dexserve.telemetry.bench_overhead --repeats 5 --max-new-tokens 64 --json "$OUT/tracing-overhead.json"
+
+# 6. per-depth agreement of the shipped model's readouts with its final token
+"$BIN/python" -m dexserve.training.agreement --limit "$N" --max-new-tokens "$T" > "$OUT/agreement.txt"

@@ -1,0 +1,69 @@
+"""Per-depth agreement of a model's early readouts with its final token.
+
+    python -m dexserve.training.agreement --limit 50 --max-new-tokens 64
+
+Decodes held-out prompts greedily in `ar` mode with one explorer per layer
+(K = L), so every layer is a boundary, and folds the round records: for each
+committed token, did the readout at depth d of its predecessor already equal
+it? This is the free-running agreement that bounds what DEX can accept at
+each boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dexserve.engine.bench import load_prompts
+from dexserve.engine.engine import Engine, EngineConfig
+from dexserve.engine.model_card import ModelCard
+from dexserve.engine.request import GenerationRequest
+
+
+def agreement(model: str | None, prompts: list[str], max_new_tokens: int) -> dict:
+    card = ModelCard.load(model)
+    L = card.num_layers
+    eng = Engine.load(model, EngineConfig(explorers=L, width=1, mode="ar", max_batch=1, max_context=512))
+    hits = [0] * (L + 1)
+    total = 0
+    for i, prompt in enumerate(prompts):
+        eng.add(GenerationRequest(f"a{i}", prompt=prompt, max_new_tokens=max_new_tokens))
+        readouts: dict[int, dict[int, int]] = {}
+        done = False
+        while not done:
+            res = eng.step()
+            for depth, rows in enumerate(res.record.explorers, start=1):
+                for row in rows:
+                    readouts.setdefault(row.position, {})[depth] = row.readout
+            for c in res.record.commits:
+                seen = readouts.get(c.position - 1, {})
+                total += 1
+                for d in range(1, L + 1):
+                    hits[d] += seen.get(d) == c.token
+            done = bool(res.finished)
+    return {"model": card.name, "tokens": total, "prompts": len(prompts),
+            "agreement_by_depth": {str(d): round(hits[d] / total, 4) for d in range(1, L + 1)}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    card = ModelCard.load(args.model)
+    prompts = load_prompts(args.prompts or card.path / "heldout_prompts.jsonl", args.limit)
+    out = agreement(args.model, prompts, args.max_new_tokens)
+    print(json.dumps(out))
+    print("| depth | " + " | ".join(out["agreement_by_depth"]) + " |")
+    print("|---|" + "---|" * len(out["agreement_by_depth"]))
+    print("| agreement | " + " | ".join(str(v) for v in out["agreement_by_depth"].values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
