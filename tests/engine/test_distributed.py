@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from conftest import shipped_available
+from engine.conftest import shipped_available
 from dexserve.engine.engine import Engine, EngineConfig, EngineFailure
 from dexserve.engine.model_card import shipped_model_dir
-from dexserve.engine.request import GenerationRequest, SamplingParams, TokenEvent
+from dexserve.engine.request import GenerationRequest, SamplingParams
 
 PROMPTS = [(5, 77, 300, 12, 900, 41), (1,), tuple(range(1, 40))]
 SAMPLINGS = [SamplingParams(), SamplingParams(0.9, 20, 0.9, 7)]

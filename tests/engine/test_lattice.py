@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from dexserve.engine.lattice import Lattice, LatticeConfig, LatticeError, Readout
 from dexserve.engine.oracle import ead_oracle
 from dexserve.engine.records import FALLBACK
-from scripted import ScriptedModel, drive
+from engine.scripted import ScriptedModel, drive
 
 
 def make(K: int, W: int = 64, slots: int = 512, mode: str = "dex", decs: bool = True, policy: str = "priority",

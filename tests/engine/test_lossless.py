@@ -8,7 +8,7 @@ import functools
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import FAMILIES, hf_greedy, shipped_available
+from engine.conftest import FAMILIES, hf_greedy, shipped_available
 from dexserve.engine.engine import Engine, EngineConfig
 from dexserve.engine.model_card import shipped_model_dir
 from dexserve.engine.request import GenerationRequest, SamplingParams

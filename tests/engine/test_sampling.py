@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from conftest import hf_logits
+from engine.conftest import hf_logits
 from dexserve.engine.engine import Engine, EngineConfig
 from dexserve.engine.request import GenerationRequest, SamplingParams, TokenEvent
 from dexserve.engine.sampling import filtered_logits, selection_scores, uniform_noise

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import redis
 
-from dexserve.client import build_request, stream_generate, complete
+from dexserve.client import build_request, stream_generate
 from dexserve.engine.request import GenerationRequest
 from dexserve.queue.embedded import EmbeddedRedis
 from dexserve.queue.protocol import GROUP, QueueSettings
@@ -23,7 +23,6 @@ from dexserve.v1 import dex_pb2 as pb
 from dexserve.worker.engines import StandinConfig
 from dexserve.worker.standin import InstantEngine
 
-from .conftest import TEST_SETTINGS
 from .helpers import collect, run_direct, stub, token_events
 
 

@@ -4,10 +4,8 @@ worker PROCESSES exporting spans to the receiver and serving metrics)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,25 +52,10 @@ def receiver():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random Llama with the shipped tokenizer and no EOS (every request runs to max_new_tokens)."""
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    pytest.importorskip("torch")
+    from tiny_models import save_tiny
 
-    from dexserve.engine.model_card import shipped_model_dir
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    src = shipped_model_dir()
-    vocab = len(json.loads((src / "tokenizer.json").read_text())["model"]["vocab"])
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, path / name)
-    conf = json.loads((path / "config.json").read_text())
-    conf["eos_token_id"] = None
-    (path / "config.json").write_text(json.dumps(conf))
-    (path / "generation_config.json").unlink(missing_ok=True)
-    return path
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama", eos=False)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from dexserve.gateway.observer import GatewayObserver
 from dexserve.queue.protocol import QueueNames

@@ -23,9 +23,8 @@ from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, Re
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.engine.model_card import ModelCard, ModelLoadError
-from dexserve.engine.records import RoundRecord
 from dexserve.engine.request import (EngineFailure, FinishReason, Finished, GenerationRequest, InvalidRequest,
-                                     TokenEvent)
+                                     StepResult, TokenEvent)
 from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec
 from dexserve.engine.text import TextStream
@@ -76,13 +75,6 @@ class EngineConfig:
         if min(w) < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
         return w
-
-
-@dataclass
-class StepResult:
-    record: RoundRecord | None
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finished: list[Finished] = field(default_factory=list)
 
 
 @dataclass

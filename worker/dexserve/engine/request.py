@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from dexserve.engine.records import RoundRecord
+
 
 class FinishReason(str, Enum):
     LENGTH = "length"      # max_new_tokens reached
@@ -64,6 +66,15 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     text: str = ""  # the trailing text released at finish (held-back text, if any)
+
+
+@dataclass
+class StepResult:
+    """What one engine step (one lattice round) produced."""
+
+    record: RoundRecord | None
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
 
 
 class InvalidRequest(ValueError):

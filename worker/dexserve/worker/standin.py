@@ -12,20 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dexserve.engine.model_card import ModelCard
-from dexserve.engine.records import RoundRecord
-from dexserve.engine.request import Finished, FinishReason, GenerationRequest, TokenEvent
+from dexserve.engine.request import Finished, FinishReason, GenerationRequest, StepResult, TokenEvent
 from dexserve.engine.validation import Limits, validate_request
-
-
-@dataclass
-class StepResult:
-    record: RoundRecord | None
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finished: list[Finished] = field(default_factory=list)
 
 
 @dataclass

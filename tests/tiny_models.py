@@ -3,6 +3,7 @@ way users have them: a local directory with config, safetensors and a tokenizer.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from dexserve.engine.model_card import shipped_model_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def save_tiny(family: str, path: Path, layers: int = 4, seed: int = 0, vocab: int = 2048) -> Path:
+def save_tiny(family: str, path: Path, layers: int = 4, seed: int = 0, vocab: int = 2048, eos: bool = True) -> Path:
+    """`eos=False` saves a model with no end-of-sequence token, so every request
+    runs to max_new_tokens (service tests compare full lengths)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -35,4 +38,9 @@ def save_tiny(family: str, path: Path, layers: int = 4, seed: int = 0, vocab: in
     src = shipped_model_dir()
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, path / name)
+    if not eos:
+        conf = json.loads((path / "config.json").read_text())
+        conf["eos_token_id"] = None
+        (path / "config.json").write_text(json.dumps(conf))
+        (path / "generation_config.json").unlink(missing_ok=True)
     return path
