@@ -17,8 +17,8 @@ NEW = 12
 
 
 @functools.lru_cache(maxsize=64)
-def engine(path: str, K: int, W: int, batch: int = 1, policy: str = "priority") -> Engine:
-    return Engine.load(path, EngineConfig(explorers=K, width=W, max_context=96, max_batch=batch, policy=policy,
+def engine(path: str, K: int, W: int, batch: int = 1, policy: str = "priority", context: int = 96) -> Engine:
+    return Engine.load(path, EngineConfig(explorers=K, width=W, max_context=context, max_batch=batch, policy=policy,
                                           prefill_chunk=8))
 
 
@@ -67,7 +67,7 @@ def test_shipped_model_equals_hf_generate(K, W):
     from dexserve.engine.bench import load_prompts
 
     path = str(shipped_model_dir())
-    eng = engine(path, K, W)
+    eng = engine(path, K, W, context=256)
     prompts = [tuple(eng.encode(GenerationRequest("x", prompt=p))) for p in load_prompts(shipped_model_dir() / "heldout_prompts.jsonl", 3)]
     for prompt in prompts:
         ref = hf_greedy(path, prompt, 16)

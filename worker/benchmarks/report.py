@@ -1,0 +1,95 @@
+"""Markdown tables from worker/benchmarks/results/*.json (the README's figures).
+
+    python worker/benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def hist(h: dict) -> str:
+    return " ".join(f"{k}:{v}" for k, v in h.items())
+
+
+def modes_table(doc: dict) -> list[str]:
+    c = doc["config"]
+    out = [f"K={c['explorers']}, W={c['width']}, {c['prompts']} held-out prompts, {c['max_new_tokens']} new tokens, "
+           f"{c['threads']} thread, one process", "",
+           "| mode | RPT | tokens/s | fallback rate | wasted node-segments | mean occupancy | identical to ar | "
+           "acceptance by boundary |", "|---|---|---|---|---|---|---|---|"]
+    for mode, r in doc["modes"].items():
+        if mode == "dex-profile":
+            continue
+        out.append(f"| {mode} | {r.get('rpt', '')} | {r.get('tokens_per_s') or ''} | {r.get('fallback_rate', '')} | "
+                   f"{r.get('wasted_node_segments', '')} | {r.get('mean_occupancy', '')} | {r.get('identical_to_ar')} | "
+                   f"{hist(r['accept_hist']) if 'accept_hist' in r else ''} |")
+    return out
+
+
+def main() -> None:
+    lines: list[str] = []
+    for K in (4, 2, 8):
+        doc = load(f"bench-k{K}.json")
+        if doc:
+            lines += [f"#### K = {K}", ""] + modes_table(doc) + [""]
+            modes = doc["modes"]
+            selects = [v["rpt"] for k, v in modes.items() if k.startswith("select:")]
+            if selects and modes.get("dex"):
+                lines.append(f"dex RPT / best select:J RPT = {modes['dex']['rpt'] / min(selects):.3f}; "
+                             f"dex RPT / EAD oracle RPT = {modes['dex']['rpt'] / modes['ead-oracle']['rpt']:.3f}")
+                lines.append("")
+            prof = modes.get("dex-profile")
+            if prof and K == 4:
+                lines += ["Where a K=4 dex round's time goes (ms per round, own time, top entries):", "",
+                          "| function | ms/round |", "|---|---|"]
+                lines += [f"| `{name}` | {ms} |" for name, ms in prof.items()]
+                lines += [f"", f"executor {modes['dex']['executor_ms_per_round']} ms/round, lattice state machine "
+                          f"{modes['dex']['lattice_ms_per_round']} ms/round, whole round {modes['dex']['ms_per_round']} ms", ""]
+    rows = []
+    for th in (1, 2):
+        doc = load(f"ar-vs-hf-{th}t.json")
+        if doc:
+            ar, hf = doc["modes"]["ar"], doc["modes"]["hf-generate"]
+            rows.append(f"| {th} | {ar['tokens_per_s']} | {hf['tokens_per_s']} | "
+                        f"{ar['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {hf['identical_to_ar']} |")
+    if rows:
+        lines += ["#### The engine against Hugging Face generate (ar, K=1)", "",
+                  "| threads | dexserve ar tokens/s | HF generate tokens/s | ratio | identical |", "|---|---|---|---|---|"]
+        lines += rows + [""]
+    sp = load("speedup.json")
+    if sp:
+        lines += ["#### Explorers on separate devices (2 cores here)", "",
+                  "| run | tokens/s | RPT | ms/round | identical to ar |", "|---|---|---|---|---|"]
+        for name, r in sp["runs"].items():
+            extra = f" (exit layer {r['exit_layer']})" if "exit_layer" in r else ""
+            lines.append(f"| {name}{extra} | {r['tokens_per_s']} | {r.get('rpt', '')} | {r.get('ms_per_round', '')} | "
+                         f"{r['identical_to_ar']} |")
+        s = sp["summary"]
+        lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
+                      f"of the others.", ""]
+        pj = sp["projection"]
+        lines += ["Projection, one device per explorer (measured step times, measured RPT, measured per-round "
+                  f"overhead {pj['overhead_ms_per_round']} ms):", "",
+                  "| K | RPT | slowest explorer step ms | round ms | projected tokens/s | vs ar | ideal K/RPT |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in pj.items():
+            if k.startswith("K") and "round_ms" in v:
+                lines.append(f"| {k[1:]} | {v['rpt']} | {max(v['step_ms'])} | {v['round_ms']} | "
+                             f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
+                             f"{v['ideal_speedup_K_over_rpt']}x |")
+        lines.append("")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
