@@ -23,6 +23,7 @@ import dataclasses
 import os
 import socket
 import struct
+import sys
 from datetime import timedelta
 from typing import Sequence
 
@@ -190,10 +191,20 @@ def _explorer_process(rank: int, world: int, port: int, model_path: str, spec: E
     torch.set_num_threads(threads)
     backend = "nccl" if spec.device.startswith("cuda") else "gloo"
     _init(rank, world, "127.0.0.1", port, backend)
+    code = 0
     try:
         _Rank.build(rank, ModelCard.load(model_path), spec).serve()
+    except Exception:  # noqa: BLE001 - the coordinator sees the failure as ExplorerFailure
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     finally:
         dist.destroy_process_group()
+    # skip interpreter teardown: the backend's threads must not outlive it (std::terminate)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class DistributedExecutor:
