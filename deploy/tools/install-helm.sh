@@ -45,4 +45,4 @@ with zipfile.ZipFile(zip_path) as zf:
 PYEOF
 
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client 2>/dev/null | head -n1
+"$BIN/kubectl" version --client 2>/dev/null | sed -n 1p
