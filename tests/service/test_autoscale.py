@@ -171,3 +171,29 @@ def test_burst_scales_up_then_idle_scales_down_without_losing_requests(up_autosc
     first = next(iter(lengths))
     assert one(first)[0] == want[first]
     client.close()
+
+
+def test_scale_to_zero_wakes_on_a_single_message(standin_model: Path, tmp_path: Path):
+    """--min-workers 0: nothing runs while idle; one queued request is lag 1,
+    which starts a worker, and the request completes exactly."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    up = UpProcess([sys.executable, "-m", "dexserve.cli", "up", "--engine", "standin", "--model", str(standin_model),
+                    "--port", str(port), "--workers", "0", "--min-workers", "0", "--max-workers", "1", "--scale-interval", "0.3",
+                    "--scale-down-after", "1", "--data-dir", str(tmp_path / "redis")], env)
+    try:
+        up.wait_line(r"serving on .* with 0 worker\(s\) \(autoscale 0\.\.1\)", 60)
+        client = redis.Redis.from_url(up.wait_line(r"^redis\s+(\S+)", 5)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:      # the gateway listens
+            grpc.channel_ready_future(ch).result(timeout=30)
+        time.sleep(1.0)
+        assert live_workers(client, QueueNames("dex")) == 0       # scaled to zero: no worker runs
+        prompt = "def wake(x):"
+        ids, _text, positions, reason = collect(stream_generate(f"127.0.0.1:{port}", prompt, max_new_tokens=12,
+                                                                timeout=90))
+        assert ids == expected_tokens(standin_model, prompt, 12)
+        assert positions == list(range(12))
+        assert any(kind == "up" and n == 1 for n, _, kind in up.scale_events()), up.output()
+        up.wait_line(r"autoscale: workers=0 lag=0 \(down\)", 30)   # idle again: back to zero
+    finally:
+        assert up.stop() == 0, up.output()
