@@ -10,8 +10,8 @@ mkdir -p "$OUT"
 N=${PROMPTS:-50}
 T=${NEW_TOKENS:-64}
 
-# 1. DEX vs ar vs every select:J vs the EAD oracle, K = 2, 4, 8 (one process, 1 thread)
-for K in 4 2 8; do
+# 1. DEX vs ar vs every select:J vs the EAD oracle, K = 4, 2, 8 (one process, 1 thread)
+for K in ${KS:-4 2 8}; do
   "$BIN/dex" bench --explorers "$K" --width 8 --limit "$N" --max-new-tokens "$T" --threads 1 \
       --profile --out "$OUT/bench-k$K.json"
 done
