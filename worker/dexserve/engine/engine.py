@@ -251,7 +251,10 @@ class Engine:
 
     # ---- convenience -----------------------------------------------------
     def generate(self, req: GenerationRequest) -> Iterator[TokenEvent | Finished]:
-        """Run one request to the end, yielding its tokens as they commit."""
+        """Run one request to the end on an idle engine, yielding its tokens as
+        they commit. (Serving loops use add/step: they own the other requests.)"""
+        if self._active:
+            raise RuntimeError("generate() needs an idle engine; drive concurrent requests with add() and step()")
         self.add(req)
         while True:
             res = self.step()
