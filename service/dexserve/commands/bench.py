@@ -4,18 +4,16 @@ the same prompts; a table, or with --json one object keyed by mode."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from dexserve.commands.engine_options import add_engine_arguments, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dexserve.engine.bench import add_prompt_arguments
+
     add_engine_arguments(p, modes=False)
-    p.add_argument("--prompts", default=None,
-                   help="JSONL file, one {\"prompt\": ...} per line (default: the shipped model's held-out prompts)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_prompt_arguments(p, limit=None, model=False)
     p.add_argument("--modes", default=None,
                    help="comma-separated subset, e.g. ar,select:2,dex,dex-nodecs (default: all)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (greedy)")
@@ -28,13 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dexserve.engine.bench import hf_baseline, load_prompts, run_mode
+    from dexserve.engine.bench import emit, hf_baseline, prompts_from_args, run_mode
     from dexserve.engine.engine import Engine
-    from dexserve.engine.model_card import ModelCard
 
-    card = ModelCard.load(args.model)
-    prompts_path = args.prompts or card.path / "heldout_prompts.jsonl"
-    prompts = load_prompts(prompts_path, args.limit)
+    card, prompts = prompts_from_args(args)
     cfg = engine_config(args, mode="ar")
     cfg.max_batch = 1
     engine = Engine.load(args.model, cfg)
@@ -75,14 +70,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": card.name, "explorers": K, "width": args.width, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
             "compile": args.compile}
-    doc = {"config": meta, "modes": results}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(format_table(doc))
+    emit({"config": meta, "modes": results}, args.out, args.json, format_table)
     return 0
 
 

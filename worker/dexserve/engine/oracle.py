@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from dexserve.engine.records import FALLBACK, RoundRecord
+from dexserve.engine.stats import acceptance_histogram, rounds_per_token
 
 
 @dataclass
@@ -25,13 +26,11 @@ class OracleResult:
 
     @property
     def rpt(self) -> float | None:
-        return round(self.rounds / self.commits, 4) if self.commits else None
+        return rounds_per_token(self.rounds, self.commits)
 
     @property
     def accept_hist(self) -> dict[str, int]:
-        hist = {str(b): self.by_boundary.get(b, 0) for b in range(1, self.explorers)}
-        hist["fallback"] = self.by_boundary.get(FALLBACK, 0)
-        return hist
+        return acceptance_histogram(self.by_boundary, self.explorers)
 
     def add(self, other: "OracleResult") -> None:
         self.rounds += other.rounds

@@ -18,14 +18,12 @@ reference executor, the measured per-round overhead of the 2-process run
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from dexserve.engine.bench import hf_baseline, load_prompts, run_mode
+from dexserve.engine.bench import add_prompt_arguments, emit, hf_baseline, prompts_from_args, run_mode
 from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.model_card import ModelCard
 
 
 def _engine(model: str | None, K: int, W: int, executor: str, compile_: bool, threads: int) -> Engine:
@@ -58,10 +56,7 @@ def step_times(model: str | None, K: int, W: int, prompts: list[str], new: int, 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--prompts", default=None)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_prompt_arguments(p)
     p.add_argument("--width", type=int, default=2, help="W for the 2-explorer runs")
     p.add_argument("--compile", action="store_true", help="torch.compile every explorer step")
     p.add_argument("--exits", default="2,4,6", help="LayerSkip exit layers to try (best is reported)")
@@ -70,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    card = ModelCard.load(args.model)
-    prompts = load_prompts(args.prompts or card.path / "heldout_prompts.jsonl", args.limit)
+    card, prompts = prompts_from_args(args)
     new = args.max_new_tokens
     res: dict[str, dict] = {}
 
@@ -126,15 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         projection[f"K{K}"] = {**st, "round_ms": round(round_ms, 4), "projected_tokens_per_s": round(tps, 2),
                                "projected_speedup_vs_ar_1t": round(tps * ar_ms_per_token / 1e3, 3),
                                "ideal_speedup_K_over_rpt": round(K / st["rpt"], 3)}
-    doc = {"config": {"model": card.name, "prompts": len(prompts), "max_new_tokens": new, "width": args.width,
-                      "compile": args.compile}, "runs": res, "summary": summary, "projection": projection}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(table(doc))
+    emit({"config": {"model": card.name, "prompts": len(prompts), "max_new_tokens": new, "width": args.width,
+                     "compile": args.compile}, "runs": res, "summary": summary, "projection": projection},
+         args.out, args.json, table)
 
 
 def table(doc: dict) -> str:

@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 from dexserve.engine.records import FALLBACK, RoundRecord
 
 
+def rounds_per_token(rounds: int, commits: int) -> float | None:
+    return round(rounds / commits, 4) if commits else None
+
+
+def acceptance_histogram(by_boundary: dict[int, int], explorers: int) -> dict[str, int]:
+    """Commits by the boundary their node was spawned at, `fallback` for none."""
+    hist = {str(b): by_boundary.get(b, 0) for b in range(1, explorers)}
+    hist["fallback"] = by_boundary.get(FALLBACK, 0)
+    return hist
+
+
 @dataclass
 class RunStats:
     explorers: int
@@ -38,13 +49,11 @@ class RunStats:
     @property
     def rpt(self) -> float | None:
         """Rounds per committed token (meaningful for one request at a time)."""
-        return round(self.rounds / self.commits, 4) if self.commits else None
+        return rounds_per_token(self.rounds, self.commits)
 
     @property
     def accept_hist(self) -> dict[str, int]:
-        hist = {str(b): self.by_boundary.get(b, 0) for b in range(1, self.explorers)}
-        hist["fallback"] = self.by_boundary.get(FALLBACK, 0)
-        return hist
+        return acceptance_histogram(self.by_boundary, self.explorers)
 
     @property
     def fallback_rate(self) -> float | None:

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from dexserve.engine.bench import load_prompts
+from dexserve.engine.bench import add_prompt_arguments, prompts_from_args
 from dexserve.engine.engine import Engine, EngineConfig
 from dexserve.engine.model_card import ModelCard
 from dexserve.engine.request import GenerationRequest
@@ -49,15 +49,11 @@ def agreement(model: str | None, prompts: list[str], max_new_tokens: int) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--prompts", default=None)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_prompt_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    card = ModelCard.load(args.model)
-    prompts = load_prompts(args.prompts or card.path / "heldout_prompts.jsonl", args.limit)
+    _card, prompts = prompts_from_args(args)
     out = agreement(args.model, prompts, args.max_new_tokens)
     print(json.dumps(out))
     print("| depth | " + " | ".join(out["agreement_by_depth"]) + " |")
