@@ -172,6 +172,9 @@ def load_adapters(path: Path, dims: ModelDims, dtype: torch.dtype, device) -> di
         if len(parts) != 3 or parts[0] != "boundary" or parts[2] not in ("weight", "bias"):
             raise ModelLoadError(f"{f}: unexpected tensor {name!r}")
         depth = int(parts[1])
+        if not 1 <= depth < dims.layers:
+            # the final depth's readout is the committed token: an adapter there would change the output
+            raise ModelLoadError(f"{f}: {name}: adapters apply at depths 1..{dims.layers - 1}, not {depth}")
         if parts[2] == "weight":
             if tuple(tensor.shape) != (dims.hidden, dims.hidden):
                 raise ModelLoadError(f"{f}: {name} has shape {tuple(tensor.shape)}, want {(dims.hidden, dims.hidden)}")
