@@ -4,6 +4,7 @@ one trace id end to end, the span tree, one commit event per committed token
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -113,7 +114,16 @@ def test_metrics_serve_the_listed_series_and_move(stack):
         with pytest.raises(grpc.RpcError) as err:
             list(dex_pb2_grpc.DexServiceStub(ch).Generate(pb.GenerateRequest(model="nope", prompt="x"), timeout=30))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    gw1, wk1 = scrape(stack.gateway_metrics), scrape(stack.worker_metrics)
+    # the server counts the error after the status reaches the client: wait for it to land
+    deadline = time.monotonic() + 10
+    while True:
+        gw1, wk1 = scrape(stack.gateway_metrics), scrape(stack.worker_metrics)
+        if total(gw1, "dex_gateway_errors_total", code="NOT_FOUND") > total(gw0, "dex_gateway_errors_total",
+                                                                             code="NOT_FOUND"):
+            break
+        if time.monotonic() > deadline:
+            break  # the assertions below report what is missing
+        time.sleep(0.1)
 
     exposed = {n for n, _ in gw1} | {n for n, _ in wk1}
     listed = {"dex_queue_depth_messages", "dex_queue_lag_messages", "dex_queue_pending_messages",
