@@ -44,3 +44,50 @@ def test_streams_equal_direct_engine_output(make_gateway, workers, rclient, tiny
         assert (got[0], got[1]) == (ids, text)
         assert got[2] == list(range(len(ids)))
         assert pb.FinishReason.Name(got[3]) == "FINISH_REASON_" + reason.upper()
+
+
+def _explorer_children(pid: int) -> list[int]:
+    """Explorer processes the worker spawned (multiprocessing spawn children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_dead_explorer_fails_the_stream_with_unavailable_and_the_worker_recovers(make_gateway, workers, rclient,
+                                                                                  tiny_llama):
+    import os
+    import signal
+    import time
+
+    import grpc
+
+    gw = make_gateway(model=str(tiny_llama), max_context=256)
+    worker = workers.start(*ENGINE_FLAGS, "--executor", "distributed", "--threads", "1", engine="dex",
+                           model=tiny_llama)
+    workers.wait_ready(rclient, 1, timeout=180)
+    deadline = time.monotonic() + 60
+    while not (explorers := _explorer_children(worker.pid)):
+        assert time.monotonic() < deadline, "the worker started no explorer process"
+        time.sleep(0.2)
+    stream = stream_generate(gw.address, "def long(x):", max_new_tokens=200, request_id=uuid.uuid4().hex,
+                             timeout=120)
+    with pytest.raises(grpc.RpcError) as err:
+        for i, _chunk in enumerate(stream):
+            if i == 2:
+                os.kill(explorers[0], signal.SIGKILL)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "explorer" in err.value.details()
+    assert worker.poll() is None                       # the worker lives on
+    cfg = engine_mod.EngineConfig(explorers=2, width=2, max_batch=2, max_context=256)
+    ids, text, _reason = run_direct(engine_mod.Engine.load(str(tiny_llama), cfg),
+                                    GenerationRequest("d", "def add(a, b):", 12, SamplingParams()))
+    got = collect(stream_generate(gw.address, "def add(a, b):", max_new_tokens=12, request_id=uuid.uuid4().hex,
+                                  timeout=120))
+    assert (got[0], got[1]) == (ids, text)             # fresh explorers serve the next request exactly

@@ -163,7 +163,7 @@ class Worker:
         try:
             result = self.engine.step()
         except EngineFailure as exc:
-            self._lost(exc)
+            self._engine_failed(exc)
             return
         now = time.time_ns()
         events: dict[str, pb.StreamEvent] = {}
@@ -194,7 +194,7 @@ class Worker:
         if cancelled:
             self._cancel(cancelled)
 
-    def _lost(self, exc: EngineFailure) -> None:
+    def _engine_failed(self, exc: EngineFailure) -> None:
         """The engine lost its requests (an explorer died) and restarted: each
         client gets UNAVAILABLE with the reason; the worker keeps serving."""
         log.error("engine failure: %s", exc)
