@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from engine.conftest import hf_greedy
 from dexserve.engine.engine import Engine, EngineConfig
 from dexserve.engine.model import ADAPTER_FILE
+from dexserve.engine.model_card import ModelLoadError
 from dexserve.engine.request import GenerationRequest
 
 
@@ -41,26 +43,14 @@ def test_adapters_change_proposals_not_output(tiny_dirs, tmp_path):
     assert decode(adapted, "dex")[0] == ref                 # and DEX over adapted readouts stays lossless
 
 
-def test_bad_adapter_file_is_named(tiny_dirs, tmp_path):
-    import pytest
-
-    from dexserve.engine.model_card import ModelLoadError
-
+@pytest.mark.parametrize("tensors,error", [
+    ({"boundary.1.weight": torch.zeros(3, 3)}, "boundary.1.weight"),   # wrong shape, named
+    # at the final depth an adapter would change the committed token: lossless forbids it
+    ({"boundary.4.weight": torch.zeros(64, 64)}, "depths 1..3"),
+])
+def test_bad_adapter_file_is_refused(tiny_dirs, tmp_path, tensors, error):
     adapted = tmp_path / "bad"
     shutil.copytree(tiny_dirs["llama"], adapted)
-    save_file({"boundary.1.weight": torch.zeros(3, 3)}, adapted / ADAPTER_FILE)
-    with pytest.raises(ModelLoadError, match="boundary.1.weight"):
-        Engine.load(str(adapted))
-
-
-def test_adapter_at_the_final_depth_is_refused(tiny_dirs, tmp_path):
-    """An adapter there would change the committed token: lossless forbids it."""
-    import pytest
-
-    from dexserve.engine.model_card import ModelLoadError
-
-    adapted = tmp_path / "final"
-    shutil.copytree(tiny_dirs["llama"], adapted)
-    save_file({"boundary.4.weight": torch.zeros(64, 64)}, adapted / ADAPTER_FILE)
-    with pytest.raises(ModelLoadError, match="depths 1..3"):
+    save_file(tensors, adapted / ADAPTER_FILE)
+    with pytest.raises(ModelLoadError, match=error):
         Engine.load(str(adapted))

@@ -10,28 +10,15 @@ previous one (K for the first commit and for tokens no boundary saw).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 from dexserve.engine.records import FALLBACK, RoundRecord
-from dexserve.engine.stats import acceptance_histogram, rounds_per_token
+from dexserve.engine.stats import CommitTally
 
 
 @dataclass
-class OracleResult:
-    explorers: int
-    rounds: int = 0
-    commits: int = 0
-    by_boundary: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def rpt(self) -> float | None:
-        return rounds_per_token(self.rounds, self.commits)
-
-    @property
-    def accept_hist(self) -> dict[str, int]:
-        return acceptance_histogram(self.by_boundary, self.explorers)
-
+class OracleResult(CommitTally):
     def add(self, other: "OracleResult") -> None:
         self.rounds += other.rounds
         self.commits += other.commits

@@ -19,10 +19,27 @@ def acceptance_histogram(by_boundary: dict[int, int], explorers: int) -> dict[st
 
 
 @dataclass
-class RunStats:
+class CommitTally:
+    """Rounds, commits and the boundary each commit came from: what RPT and the
+    acceptance histogram are made of (for a real run or for the EAD oracle)."""
+
     explorers: int
     rounds: int = 0
     commits: int = 0
+    by_boundary: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def rpt(self) -> float | None:
+        """Rounds per committed token (meaningful for one request at a time)."""
+        return rounds_per_token(self.rounds, self.commits)
+
+    @property
+    def accept_hist(self) -> dict[str, int]:
+        return acceptance_histogram(self.by_boundary, self.explorers)
+
+
+@dataclass
+class RunStats(CommitTally):
     fallbacks: int = 0
     node_segments: int = 0
     wasted_node_segments: int = 0
@@ -30,7 +47,6 @@ class RunStats:
     occupancy_sum: int = 0
     seconds: float = 0.0
     lattice_seconds: float = 0.0
-    by_boundary: dict[int, int] = field(default_factory=dict)
 
     def observe(self, rec: RoundRecord) -> None:
         self.rounds += 1
@@ -45,15 +61,6 @@ class RunStats:
             self.by_boundary[c.boundary] = self.by_boundary.get(c.boundary, 0) + 1
             if c.boundary == FALLBACK:
                 self.fallbacks += 1
-
-    @property
-    def rpt(self) -> float | None:
-        """Rounds per committed token (meaningful for one request at a time)."""
-        return rounds_per_token(self.rounds, self.commits)
-
-    @property
-    def accept_hist(self) -> dict[str, int]:
-        return acceptance_histogram(self.by_boundary, self.explorers)
 
     @property
     def fallback_rate(self) -> float | None:
