@@ -1,6 +1,6 @@
-"""Explorers in K processes over torch.distributed (gloo) commit exactly what
-the reference executor does; a dead explorer fails its requests clearly and the
-engine recovers."""
+"""Explorers in K processes, over torch.distributed (gloo) or shared memory,
+commit exactly what the reference executor does; a dead explorer fails its
+requests clearly and the engine recovers."""
 
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ def models(tiny_dirs):
         yield str(shipped_model_dir())
 
 
+@pytest.mark.parametrize("transport", ["torch", "shm"])
 @pytest.mark.parametrize("K", [2, 3])
-def test_distributed_equals_reference(tiny_dirs, K):
+def test_distributed_equals_reference(tiny_dirs, K, transport):
     for path in models(tiny_dirs):
         cfg = dict(explorers=K, width=4, max_context=96, max_batch=3, prefill_chunk=16)
         ref = Engine.load(path, EngineConfig(**cfg))
-        dist = Engine.load(path, EngineConfig(**cfg, executor="distributed"))
+        dist = Engine.load(path, EngineConfig(**cfg, executor="distributed", transport=transport))
         try:
             prompts = [p for p in PROMPTS]
             for sampling in SAMPLINGS:
@@ -53,9 +54,11 @@ def test_distributed_equals_reference(tiny_dirs, K):
             dist.close()
 
 
-def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs):
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs, transport):
     path = str(tiny_dirs["llama"])
-    eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1, executor="distributed"))
+    eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1, executor="distributed",
+                                         transport=transport))
     try:
         expected = decode(Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)),
                           [(3, 4, 5)], SamplingParams())
@@ -74,3 +77,9 @@ def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs):
         assert eng.executor.pids() and eng.executor.pids()[0] != pid
     finally:
         eng.close()
+
+
+def test_shm_transport_is_refused_where_it_cannot_work(tiny_dirs):
+    with pytest.raises(ValueError, match="transport shm is for CPU explorers"):
+        Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, executor="distributed", transport="shm",
+                                                          device="cuda"))

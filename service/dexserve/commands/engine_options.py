@@ -29,6 +29,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                    help="requests decoded together")
     g.add_argument("--executor", choices=("reference", "distributed"), default="reference",
                    help="reference: all explorers in this process; distributed: one process per explorer")
+    g.add_argument("--transport", choices=("auto", "shm", "torch"), default="auto",
+                   help="distributed executor: shm = shared memory between CPU explorers on this host, "
+                        "torch = torch.distributed (gloo on CPU, NCCL on CUDA); auto picks shm for CPU")
     g.add_argument("--device", default=os.environ.get("DEX_DEVICE", "cpu"), help="cpu or cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile each explorer step (fullgraph)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -42,7 +45,7 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     """The argv that reproduces these engine flags in a child process (`dex up` -> workers)."""
     flags = ["--explorers", str(args.explorers), "--width", str(args.width), "--policy", args.policy,
              "--max-context", str(args.max_context), "--max-batch", str(args.max_batch),
-             "--executor", args.executor, "--device", args.device,
+             "--executor", args.executor, "--transport", args.transport, "--device", args.device,
              "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
     if hasattr(args, "mode"):
         flags += ["--mode", args.mode]
@@ -68,5 +71,5 @@ def engine_config(args: argparse.Namespace, mode: str | None = None):
         torch.set_num_threads(args.threads)
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
                         decs=args.decs, policy=args.policy, max_context=args.max_context, max_batch=args.max_batch,
-                        executor=args.executor, device=args.device, compile=args.compile,
+                        executor=args.executor, transport=args.transport, device=args.device, compile=args.compile,
                         cuda_graphs=args.cuda_graphs, max_new_tokens=args.max_new_tokens_limit)

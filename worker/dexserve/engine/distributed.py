@@ -24,23 +24,23 @@ import os
 import socket
 import struct
 import sys
-from datetime import timedelta
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, StepRunner, plan_samples
+from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, StepRunner, plan_samples, warm_up
 from dexserve.engine.lattice import Plan, Readout
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.engine.model_card import ModelCard
 from dexserve.engine.request import SamplingParams
 from dexserve.engine.step import ExplorerStep, StepInputs
+from dexserve.engine.transport import (TIMEOUT, CollectiveTransport, SharedMemoryTransport, SharedRound, Transport,
+                                       TransportKind, parent_watch)
 
 CMD_ROUND, CMD_PREFILL, CMD_SAMPLING, CMD_STOP = 1, 2, 3, 4
 FIELDS = 7  # token, position, slot, kv_row, request, lo, hi (+ A ancestor rows)
-TIMEOUT = timedelta(seconds=60)
 
 
 class ExplorerFailure(ExecutorFailure):
@@ -66,8 +66,9 @@ class PlanCodec:
 
     def __init__(self, spec: ExecutorSpec) -> None:
         self.spec = spec
-        # header: cmd, rows per explorer (K), retire count, sampled flag; or a command's arguments
-        self.header = max(8, spec.explorers + 3)
+        # header: cmd, rows per explorer (K), retire count, sampled flag, attention span per
+        # explorer (K); or a command's arguments
+        self.header = max(8, 2 * spec.explorers + 3)
         A = spec.buffers.ancestors
         self.row = FIELDS + A
         self.sizes = [w * self.row for w in spec.widths]
@@ -97,9 +98,11 @@ class _Rank:
     prefill_runner: StepRunner
     codec: PlanCodec
     device: torch.device
+    transport: Transport
 
     @classmethod
-    def build(cls, rank: int, card: ModelCard, spec: ExecutorSpec) -> "_Rank":
+    def build(cls, rank: int, card: ModelCard, spec: ExecutorSpec, transport: Transport,
+              hidden: torch.Tensor | None = None) -> "_Rank":
         device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{rank}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -107,9 +110,10 @@ class _Rank:
         weights = load_weights(card, spec.layers(rank), need_embed=(rank == 0), dtype=spec.dtype, device=device)
         cos, sin = rotary_tables(card, spec.buffers.max_context, device=device)
         step = ExplorerStep(weights, spec.layers(rank), spec.buffers, cos, sin, spec.candidates,
-                            first=(rank == 0), device=device, dtype=spec.dtype)
-        return cls(rank, spec, step, StepRunner(step, spec.widths[rank], spec),
-                   StepRunner(step, spec.buffers.prefill_rows, spec), PlanCodec(spec), device)
+                            first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
+        runner, prefill_runner = StepRunner(step, spec.widths[rank], spec), StepRunner(step, spec.buffers.prefill_rows, spec)
+        warm_up([runner], [prefill_runner])
+        return cls(rank, spec, step, runner, prefill_runner, PlanCodec(spec), device, transport)
 
     @property
     def world(self) -> int:
@@ -125,6 +129,7 @@ class _Rank:
         counts = payload[1:1 + self.world].tolist()
         n_retire = int(payload[1 + self.world])
         sampled = bool(payload[2 + self.world])
+        span = int(payload[3 + self.world + self.rank])
         if n_retire:
             off = self.codec.header + sum(self.codec.sizes)
             r = payload[off:off + 2 * self.codec.retire_max].view(2, self.codec.retire_max)[:, :n_retire]
@@ -132,17 +137,18 @@ class _Rank:
         k = self.rank
         wmax = max(self.spec.widths)
         cand = torch.zeros(wmax, self.spec.candidates, dtype=torch.long, device=self.device)
+        handing = not self.transport.shares_hidden
         sent = None
         if counts[k]:
             off = self.codec.header + sum(self.codec.sizes[:k])
             inputs = self.codec.unpack_inputs(payload[off:off + self.codec.sizes[k]], self.spec.widths[k])
-            out = self.runner(inputs, sampled)
+            out = self.runner(inputs, sampled, span)
             cand[: out.shape[0]] = out
-            if k + 1 < self.world:
-                sent = dist.isend(self.step.hidden.index_select(0, inputs.slot).contiguous(), k + 1)
-        if k > 0 and counts[k - 1]:
+            if handing and k + 1 < self.world:
+                sent = self.transport.handoff_send(self.step.hidden.index_select(0, inputs.slot), k + 1)
+        if handing and k > 0 and counts[k - 1]:
             buf = torch.empty(self.spec.widths[k - 1], self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
-            dist.recv(buf, k - 1)
+            self.transport.handoff_recv(buf, k - 1)
             self.step.hidden.index_copy_(0, self.slots_of(payload, k - 1), buf)
         if sent is not None:
             sent.wait()
@@ -153,33 +159,38 @@ class _Rank:
         """Prefill runs the explorers in sequence: hidden states flow down the pipe."""
         P = self.spec.buffers.prefill_rows
         inputs = self.codec.unpack_inputs(payload[self.codec.header:self.codec.header + self.codec.prefill_size], P)
+        handing = not self.transport.shares_hidden
         if self.rank > 0:
             buf = torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
-            dist.recv(buf, self.rank - 1)
-            self.step.hidden.index_copy_(0, inputs.slot, buf)
-        self.prefill_runner(inputs, sampled=False)
+            self.transport.handoff_recv(buf, self.rank - 1)
+            if handing:
+                self.step.hidden.index_copy_(0, inputs.slot, buf)
+        self.prefill_runner(inputs, sampled=False, span=int(payload[1]))
         if self.rank + 1 < self.world:
-            dist.send(self.step.hidden.index_select(0, inputs.slot).contiguous(), self.rank + 1)
+            rows = self.step.hidden.index_select(0, inputs.slot) if handing else self.step.hidden[:0]
+            sent = self.transport.handoff_send(rows, self.rank + 1)
+            if sent is not None:
+                sent.wait()
 
     def sampling(self, payload: torch.Tensor) -> None:
         index, temp, top_k, top_p, seed = payload[1:6].tolist()
         self.step.set_sampling(int(index), _i2f(int(temp)), int(top_k), _i2f(int(top_p)), int(seed))
 
-    def serve(self) -> None:
+    def serve(self, payload: torch.Tensor) -> None:
         """Ranks > 0: follow the coordinator's commands until told to stop."""
-        payload = torch.zeros(self.codec.size, dtype=torch.long, device=self.device)
         while True:
-            dist.broadcast(payload, 0)
+            self.transport.broadcast(payload)
             cmd = int(payload[0])
             if cmd == CMD_STOP:
                 return
             if cmd == CMD_ROUND:
-                cand = self.round(payload)
-                dist.gather(cand, None, dst=0)
-            elif cmd == CMD_PREFILL:
+                self.transport.gather(self.round(payload))
+                continue
+            if cmd == CMD_PREFILL:
                 self.prefill(payload)
             elif cmd == CMD_SAMPLING:
                 self.sampling(payload)
+            self.transport.wait_all()
 
 
 def _init(rank: int, world: int, addr: str, port: int, backend: str) -> None:
@@ -187,35 +198,59 @@ def _init(rank: int, world: int, addr: str, port: int, backend: str) -> None:
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
 
 
-def _explorer_process(rank: int, world: int, port: int, model_path: str, spec: ExecutorSpec, threads: int) -> None:
+def _explorer_process(rank: int, world: int, port: int, model_path: str, spec: ExecutorSpec, threads: int,
+                      shared: SharedRound | None) -> None:
     torch.set_num_threads(threads)
-    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
-    _init(rank, world, "127.0.0.1", port, backend)
+    if shared is None:
+        _init(rank, world, "127.0.0.1", port, "nccl" if spec.device.startswith("cuda") else "gloo")
+        transport: Transport = CollectiveTransport(rank, world)
+        payload = None
+    else:
+        transport = SharedMemoryTransport(rank, world, shared, parent_watch())
+        payload = shared.plan
     code = 0
     try:
-        _Rank.build(rank, ModelCard.load(model_path), spec).serve()
+        me = _Rank.build(rank, ModelCard.load(model_path), spec, transport,
+                         hidden=None if shared is None else shared.hidden)
+        me.serve(payload if payload is not None else torch.zeros(me.codec.size, dtype=torch.long, device=me.device))
     except Exception:  # noqa: BLE001 - the coordinator sees the failure as ExplorerFailure
         import traceback
 
         traceback.print_exc()
         code = 1
     finally:
-        dist.destroy_process_group()
+        transport.close()
     # skip interpreter teardown: the backend's threads must not outlive it (std::terminate)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
+def resolve_transport(kind: TransportKind, device: str) -> Literal["shm", "torch"]:
+    """auto: shared memory for CPU explorers this process starts; torch.distributed
+    for CUDA and under torchrun (other hosts)."""
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if kind == "auto":
+        return "torch" if torchrun or not device.startswith("cpu") else "shm"
+    if kind == "shm" and (torchrun or not device.startswith("cpu")):
+        raise ValueError("transport shm is for CPU explorers on this host; use torch (gloo/NCCL) "
+                         "for CUDA devices or torchrun")
+    if kind not in ("shm", "torch"):
+        raise ValueError(f"unknown transport {kind!r} (auto, shm or torch)")
+    return kind
+
+
 class DistributedExecutor:
     """The coordinator side (rank 0), an `Executor` like the reference one."""
 
-    def __init__(self, card: ModelCard, spec: ExecutorSpec, threads: int | None = None) -> None:
+    def __init__(self, card: ModelCard, spec: ExecutorSpec, threads: int | None = None,
+                 transport: TransportKind = "auto") -> None:
         if spec.explorers < 2:
             raise ValueError("the distributed executor needs at least 2 explorers")
         self.card = card
         self.spec = spec
         self.threads = threads or 1
+        self.transport_kind = resolve_transport(transport, spec.device)
         self.codec = PlanCodec(spec)
         self.procs: list[mp.process.BaseProcess] = []
         self._start()
@@ -225,22 +260,34 @@ class DistributedExecutor:
         from dexserve.engine.model import ModelDims
 
         world = self.spec.explorers
+        dims = ModelDims.from_config(self.card.config)
+        shared = None
+        if self.transport_kind == "shm":
+            b = self.spec.buffers
+            shared = SharedRound.create(self.codec.size, world, max(self.spec.widths), self.spec.candidates,
+                                        b.hidden_rows, dims.hidden, self.spec.dtype)
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        backend = "nccl" if self.spec.device.startswith("cuda") else "gloo"
         if torchrun:
-            dist.init_process_group(backend, timeout=TIMEOUT)
+            dist.init_process_group("nccl" if self.spec.device.startswith("cuda") else "gloo", timeout=TIMEOUT)
         else:
             port = _free_port()
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_explorer_process, daemon=True, name=f"dex-explorer-{r}",
-                                      args=(r, world, port, str(self.card.path), self.spec, self.threads))
+                                      args=(r, world, port, str(self.card.path), self.spec, self.threads, shared))
                           for r in range(1, world)]
             for p in self.procs:
                 p.start()
-            _init(0, world, "127.0.0.1", port, backend)
-        self.local = _Rank.build(0, self.card, self.spec)
-        self.packer = RowPacker(self.spec.buffers, ModelDims.from_config(self.card.config).sliding_window)
-        self.payload = torch.zeros(self.codec.size, dtype=torch.long, device=self.local.device)
+            if shared is None:
+                _init(0, world, "127.0.0.1", port, "nccl" if self.spec.device.startswith("cuda") else "gloo")
+        if shared is None:
+            self.transport: Transport = CollectiveTransport(0, world)
+        else:
+            self.transport = SharedMemoryTransport(0, world, shared, self._check_alive)
+        self.local = _Rank.build(0, self.card, self.spec, self.transport,
+                                 hidden=None if shared is None else shared.hidden)
+        self.packer = RowPacker(self.spec.buffers, dims.sliding_window)
+        self.payload = shared.plan if shared is not None else torch.zeros(self.codec.size, dtype=torch.long,
+                                                                          device=self.local.device)
         self.sampled = [False] * self.spec.buffers.max_batch
 
     def restart(self) -> None:
@@ -249,7 +296,7 @@ class DistributedExecutor:
         self._start()
 
     def close(self, graceful: bool = True) -> None:
-        if graceful and dist.is_initialized():
+        if graceful and (self.transport_kind == "shm" or dist.is_initialized()):
             try:
                 self._send(CMD_STOP)
             except Exception:  # noqa: BLE001 - closing anyway
@@ -260,8 +307,7 @@ class DistributedExecutor:
                 p.kill()
                 p.join(timeout=5)
         self.procs = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.transport.close()
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.pid is not None]
@@ -274,7 +320,7 @@ class DistributedExecutor:
 
     def _send(self, cmd: int) -> None:
         self.payload[0] = cmd
-        dist.broadcast(self.payload, 0)
+        self.transport.broadcast(self.payload)
 
     def set_sampling(self, index: int, params: SamplingParams) -> None:
         self._guard(self._set_sampling, index, params)
@@ -286,6 +332,7 @@ class DistributedExecutor:
                                           params.seed & 0xFFFFFFFF])
         self._send(CMD_SAMPLING)
         self.local.sampling(self.payload)
+        self.transport.wait_all()
 
     def prefill(self, index: int, token_ids: Sequence[int]) -> None:
         self._guard(self._prefill, index, token_ids)
@@ -295,9 +342,11 @@ class DistributedExecutor:
         for start in range(0, len(token_ids), P):
             x = self.packer.prefill(index, token_ids[start:start + P], start, P)
             self.payload.zero_()
+            self.payload[1] = self.local.prefill_runner.span(int((x.hi - x.lo).max()))
             self.payload[self.codec.header:self.codec.header + self.codec.prefill_size] = PlanCodec.pack_inputs(x).to(self.payload.device)
             self._send(CMD_PREFILL)
             self.local.prefill(self.payload)
+            self.transport.wait_all()
 
     def run(self, plan: Plan) -> Readout:
         return self._guard(self._run, plan)
@@ -308,8 +357,10 @@ class DistributedExecutor:
         flat[0][1:1 + K] = torch.tensor([len(r) for r in plan.rows])
         flat[0][1 + K] = len(plan.retire)
         flat[0][2 + K] = plan_samples(plan, self.sampled)
-        for rows, w in zip(plan.rows, self.spec.widths):
-            flat.append(PlanCodec.pack_inputs(self.packer.lattice(rows, w)))
+        for k, (rows, w) in enumerate(zip(plan.rows, self.spec.widths)):
+            x = self.packer.lattice(rows, w)
+            flat[0][3 + K + k] = self.local.runner.span(int((x.hi - x.lo).max()))
+            flat.append(PlanCodec.pack_inputs(x))
         b = self.spec.buffers
         retire = torch.full((2, self.codec.retire_max), b.kv_scratch, dtype=torch.long)
         for i, r in enumerate(plan.retire):
@@ -319,9 +370,7 @@ class DistributedExecutor:
         packed = torch.cat(flat)
         self.payload[: packed.numel()] = packed.to(self.payload.device)
         self._send(CMD_ROUND)
-        cand = self.local.round(self.payload)
-        gathered = [torch.empty_like(cand) for _ in range(K)]
-        dist.gather(cand, gathered, dst=0)
+        gathered = self.transport.gather(self.local.round(self.payload))
         out = torch.stack(gathered).cpu().tolist()  # the one host sync of the round
         return Readout(tuple(tuple(tuple(c) for c in out[k][: len(rows)]) for k, rows in enumerate(plan.rows)))
 
@@ -353,10 +402,12 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ["RANK"])
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
+    transport = CollectiveTransport(rank, dist.get_world_size())
     try:
-        _Rank.build(rank, card, spec).serve()
+        me = _Rank.build(rank, card, spec, transport)
+        me.serve(torch.zeros(me.codec.size, dtype=torch.long, device=me.device))
     finally:
-        dist.destroy_process_group()
+        transport.close()
 
 
 if __name__ == "__main__":

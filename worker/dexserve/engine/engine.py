@@ -63,6 +63,7 @@ class EngineConfig:
     prefill_chunk: int = 32
     max_new_tokens: int = 1024            # the largest max_new_tokens a request may ask for
     executor: ExecutorKind = "reference"
+    transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
@@ -125,7 +126,7 @@ class Engine:
         elif config.executor == "distributed":
             from dexserve.engine.distributed import DistributedExecutor
 
-            executor = DistributedExecutor(card, spec)
+            executor = DistributedExecutor(card, spec, transport=config.transport)
         else:
             raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
         return cls(card, config, executor, card.tokenizer())

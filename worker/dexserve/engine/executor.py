@@ -22,7 +22,7 @@ from dexserve.engine.lattice import Plan, PlanRow, Readout
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.engine.model_card import ModelCard
 from dexserve.engine.request import SamplingParams
-from dexserve.engine.step import BufferSpec, ExplorerStep, StepInputs
+from dexserve.engine.step import BufferSpec, ExplorerStep, StepInputs, span_buckets, span_for
 
 
 @dataclass(frozen=True)
@@ -66,46 +66,89 @@ def even_boundaries(layers: int, explorers: int) -> tuple[int, ...]:
     return tuple(k * layers // explorers for k in range(explorers + 1))
 
 
+Variant = tuple[bool, int]  # (sampled, attention span)
+
+
 class StepRunner:
-    """Runs one explorer step at one static width: eager, compiled, or as a CUDA graph."""
+    """Runs one explorer step at one static width: eager, compiled, or as a CUDA graph.
+
+    A step has a few variants (greedy or sampled, times the attention-span
+    buckets); each is compiled or captured on first use and replayed after."""
 
     def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec) -> None:
         self.step = step
         self.width = width
         self.device = torch.device(spec.device)
+        self.buckets = span_buckets(spec.buffers.max_context)
+        self.compile = spec.compile
+        if spec.compile:  # every variant of every step is its own graph: allow them all
+            variants = 2 * len(self.buckets) * 2  # sampled x span x (lattice, prefill width)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
         self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
-        # one captured graph per variant (greedy / sampled), with its static inputs and output
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        # one captured graph per variant, with its static inputs and output
+        self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
-    def __call__(self, inputs: StepInputs, sampled: bool = True) -> torch.Tensor:
+    def span(self, need: int) -> int:
+        return span_for(need, self.buckets)
+
+    def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None) -> torch.Tensor:
+        """`span`: the bucket for the round (`span_for` of the longest hi - lo);
+        computed here from host-side inputs when not given."""
+        if span is None:
+            span = self.span(int((inputs.hi - inputs.lo).max()))
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
-            return self.fn(*args, sampled=sampled)
-        if sampled not in self.graphs:
-            self.graphs[sampled] = self._capture(args, sampled)
-        graph, static_in, static_out = self.graphs[sampled]
+            return self.fn(*args, sampled=sampled, span=span)
+        variant = (sampled, span)
+        if variant not in self.graphs:
+            self.graphs[variant] = self._capture(variant)
+        graph, static_in, static_out = self.graphs[variant]
         for dst, src in zip(static_in, args):
             dst.copy_(src, non_blocking=True)
         graph.replay()
         return static_out
 
-    def _capture(self, args: tuple[torch.Tensor, ...], sampled: bool):
+    @property
+    def ahead_of_time(self) -> bool:
+        """Compiled or graph-captured variants are built before serving, not mid-stream."""
+        return self.compile or self.use_graph
+
+    @torch.no_grad()
+    def warm_up(self, sampled: Sequence[bool] = (False, True)) -> None:
+        """Build every variant now, on padding rows (they touch only scratch rows)."""
+        if not self.ahead_of_time:
+            return
+        pad = RowPacker.padding(self.step.spec, self.width)
+        for s in sampled:
+            for span in self.buckets:
+                self(pad, s, span)
+
+    def _capture(self, variant: Variant):
         """Warm up on a side stream, then capture with static input buffers.
         The warm-up and capture inputs are padding rows (scratch KV and hidden
         rows), so capturing changes no real state."""
+        sampled, span = variant
         pad = RowPacker.padding(self.step.spec, self.width)
         static_in = tuple(p.to(self.device) for p in pad.as_tuple())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.fn(*static_in, sampled=sampled)
+                self.fn(*static_in, sampled=sampled, span=span)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self.fn(*static_in, sampled=sampled)
+            static_out = self.fn(*static_in, sampled=sampled, span=span)
         return graph, static_in, static_out
+
+
+def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> None:
+    """Compile or capture every variant at start-up (prefill is always greedy)."""
+    for r in lattice:
+        r.warm_up()
+    for r in prefill:
+        r.warm_up(sampled=(False,))
 
 
 class RowPacker:
@@ -190,6 +233,7 @@ class ReferenceExecutor:
                       for k in range(spec.explorers)]
         self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
         self.prefill_runners = [StepRunner(s, spec.buffers.prefill_rows, spec) for s in self.steps]
+        warm_up(self.runners, self.prefill_runners)
         self.sampled = [False] * spec.buffers.max_batch  # per request row: does it sample?
         self.step_seconds = [0.0] * spec.explorers  # wall time per explorer step (CPU: synchronous)
         self.step_calls = [0] * spec.explorers

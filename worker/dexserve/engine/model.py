@@ -224,10 +224,12 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.
 
 
 def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
-                  k_buf: torch.Tensor, v_buf: torch.Tensor, kv_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                  k_buf: torch.Tensor, v_buf: torch.Tensor, kv_row: torch.Tensor, keys: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
     """One decoder layer for W single-token rows. Writes each row's K/V at
-    `kv_row` of the layer's buffers, then attends over the whole buffer through
-    `mask` [W, T] (True = visible). Shapes are static: W rows, T buffer rows."""
+    `kv_row` of the layer's buffers, then attends over the buffer rows `keys`
+    [W, S] it may see (`mask` [W, S], True = visible). Shapes are static: W
+    rows, S gathered keys per row."""
     rows = x.shape[0]
     h = rms_norm(x, lw.input_norm, dims.eps)
     nq, nkv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
@@ -245,10 +247,13 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
     v_buf.index_copy_(0, kv_row, v)
     group = dims.heads // dims.kv_heads
     qg = q.view(rows, dims.kv_heads, group, dims.head_dim)
-    scores = torch.einsum("wkgd,tkd->wkgt", qg, k_buf) * (dims.head_dim ** -0.5)
+    # [W, kv_heads, S, head_dim]: each row's own keys, so a batched matmul per row
+    k_rows = k_buf[keys].transpose(1, 2)
+    v_rows = v_buf[keys].transpose(1, 2)
+    scores = torch.matmul(qg, k_rows.transpose(-1, -2)) * (dims.head_dim ** -0.5)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    attn = torch.einsum("wkgt,tkd->wkgd", probs, v_buf).reshape(rows, dims.heads * dims.head_dim)
+    attn = torch.matmul(probs, v_rows).reshape(rows, dims.heads * dims.head_dim)
     x = x + linear(attn, lw.o, lw.o_bias)
     h = rms_norm(x, lw.post_norm, dims.eps)
     gate, up = linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)

@@ -62,6 +62,25 @@ class BufferSpec:
         return self.hidden_rows - 1
 
 
+def span_buckets(limit: int, smallest: int = 32) -> tuple[int, ...]:
+    """Attention spans a step is built for: powers of two from `smallest`, capped
+    by `limit` (the most committed rows a row can see: max context or sliding
+    window). Few enough to capture each as its own CUDA graph."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return (*out, limit)
+
+
+def span_for(need: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `need` committed rows."""
+    for b in buckets:
+        if b >= need:
+            return b
+    raise ValueError(f"a row sees {need} committed rows, more than the largest span {buckets[-1]}")
+
+
 @dataclass
 class StepInputs:
     """Per-row inputs of one explorer step; every tensor has W rows."""
@@ -113,21 +132,21 @@ class ExplorerStep(nn.Module):
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
                 request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
-                sampled: bool = True) -> torch.Tensor:
-        """`sampled=False` is the greedy variant (no filtering, no noise): the
-        executor picks it, host-side, when no row of the round samples. Each
-        variant is its own static graph."""
+                sampled: bool = True, span: int | None = None) -> torch.Tensor:
+        """Two host-side choices pick the variant, each its own static graph:
+        `sampled=False` is the greedy variant (no filtering, no noise), and
+        `span` (a bucket from `span_buckets`, at least every row's hi - lo) is
+        how many committed rows from `lo` each row gathers for attention, so a
+        short context reads a short slice of the KV buffers, not all of it."""
         if self.first:
             x = self.embed[token]
         else:
             x = self.hidden.index_select(0, slot)
-        keys = self.key_index[None, :]
-        mask = (keys >= lo[:, None]) & (keys < hi[:, None])
-        mask = mask.scatter(1, anc, True)
+        keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
         cos = self.cos[position]
         sin = self.sin[position]
         for lw, k_buf, v_buf in zip(self.layers, self.k_bufs, self.v_bufs):
-            x = layer_forward(x, lw, self.dims, cos, sin, k_buf, v_buf, kv_row, mask)
+            x = layer_forward(x, lw, self.dims, cos, sin, k_buf, v_buf, kv_row, keys, mask)
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
@@ -138,6 +157,20 @@ class ExplorerStep(nn.Module):
             logits = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
                                       self.seed[request], position + 1)
         return torch.topk(logits, self.candidates, dim=-1).indices
+
+    def visible_keys(self, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
+                     span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV rows [W, span + A] each row attends to and which of them it sees:
+        committed rows lo .. hi-1 (the rest of the span is masked), then its
+        uncommitted ancestors and itself. `anc` is padded by repeating a row;
+        a repeat is masked so no key counts twice."""
+        ctx = lo[:, None] + self.key_index[None, :span]
+        ctx_mask = ctx < hi[:, None]
+        ctx = ctx.clamp(max=self.spec.kv_scratch)
+        A = anc.shape[1]
+        earlier = torch.ones(A, A, dtype=torch.bool, device=anc.device).tril(-1)
+        repeat = ((anc[:, :, None] == anc[:, None, :]) & earlier).any(-1)
+        return torch.cat([ctx, anc], dim=1), torch.cat([ctx_mask, ~repeat], dim=1)
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
