@@ -83,3 +83,40 @@ def test_shm_transport_is_refused_where_it_cannot_work(tiny_dirs):
     with pytest.raises(ValueError, match="transport shm is for CPU explorers"):
         Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, executor="distributed", transport="shm",
                                                           device="cuda"))
+
+
+def test_explorers_exit_when_their_coordinator_is_killed(tiny_dirs, tmp_path):
+    """kill -9 of the worker must not leave explorer processes spinning on the host."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "coordinator.py"
+    script.write_text(
+        "import sys, time\n"
+        "from dexserve.engine.engine import Engine, EngineConfig\n"
+        "if __name__ == '__main__':\n"
+        "    eng = Engine.load(sys.argv[1], EngineConfig(explorers=3, width=1, max_context=32, max_batch=1,\n"
+        "                                               executor='distributed', transport='shm'))\n"
+        "    print(*eng.executor.pids(), flush=True)\n"
+        "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dirs["llama"])], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

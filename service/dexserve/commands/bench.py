@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dexserve.engine.bench import emit, hf_baseline, prompts_from_args, run_mode
+    from dexserve.engine.bench import emit, hf_baseline, matmul_floor, prompts_from_args, run_mode
     from dexserve.engine.engine import Engine
 
     card, prompts = prompts_from_args(args)
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.hf:
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens)
         results["hf-generate"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
+        floor = matmul_floor(card)
+        floor["max_speedup_vs_hf"] = round(floor["tokens_per_s"] / results["hf-generate"]["tokens_per_s"], 3)
+        results["matmul-floor"] = floor
     for e in (args.hf_layerskip.split(",") if args.hf_layerskip else []):
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens, assistant_early_exit=int(e))
         results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}

@@ -124,3 +124,29 @@ def hf_baseline(model_dir: Path, prompts: list[str], max_new_tokens: int,
         tokens += len(new)
         outputs.append(new)
     return seconds, tokens, outputs
+
+
+def matmul_floor(card: ModelCard, repeats: int = 200) -> dict:
+    """The weight matmuls of one decoded token and nothing else (one row through
+    every projection of every layer, plus the LM head), in this process's
+    thread count: a floor no engine that reads these fp32 weights per token can
+    beat, to set beside the engine's and Hugging Face's tokens/s."""
+    import torch
+    import torch.nn.functional as F
+
+    from dexserve.engine.model import load_weights
+
+    w = load_weights(card, range(card.num_layers), need_embed=True)
+    mats = [m for lw in w.layers for m in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [w.lm_head]
+    rows = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
+    with torch.no_grad():
+        for _ in range(10):
+            for m in mats:
+                F.linear(rows[m.shape[1]], m)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for m in mats:
+                F.linear(rows[m.shape[1]], m)
+        ms = 1e3 * (time.perf_counter() - t0) / repeats
+    mb = sum(m.numel() * m.element_size() for m in mats) / 2**20
+    return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 2), "weight_mib_per_token": round(mb, 2)}

@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Literal, Sequence
 
 import torch
@@ -99,6 +100,8 @@ class _Rank:
     codec: PlanCodec
     device: torch.device
     transport: Transport
+    step_seconds: float = 0.0  # wall time of this explorer's own steps (CPU: synchronous)
+    step_calls: int = 0
 
     @classmethod
     def build(cls, rank: int, card: ModelCard, spec: ExecutorSpec, transport: Transport,
@@ -142,7 +145,10 @@ class _Rank:
         if counts[k]:
             off = self.codec.header + sum(self.codec.sizes[:k])
             inputs = self.codec.unpack_inputs(payload[off:off + self.codec.sizes[k]], self.spec.widths[k])
+            t0 = time.perf_counter()
             out = self.runner(inputs, sampled, span)
+            self.step_seconds += time.perf_counter() - t0
+            self.step_calls += 1
             cand[: out.shape[0]] = out
             if handing and k + 1 < self.world:
                 sent = self.transport.handoff_send(self.step.hidden.index_select(0, inputs.slot), k + 1)

@@ -75,15 +75,21 @@ class StepRunner:
     A step has a few variants (greedy or sampled, times the attention-span
     buckets); each is compiled or captured on first use and replayed after."""
 
+    compiled_variants = 0  # graphs compiled in this process so far (all runners)
+
     def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec) -> None:
         self.step = step
         self.width = width
         self.device = torch.device(spec.device)
         self.buckets = span_buckets(spec.buffers.max_context)
         self.compile = spec.compile
-        if spec.compile:  # every variant of every step is its own graph: allow them all
-            variants = 2 * len(self.buckets) * 2  # sampled x span x (lattice, prefill width)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
+        if spec.compile:
+            # dynamo counts graphs per code object, i.e. over every step in this process:
+            # raise its limit by this runner's variants (greedy/sampled x spans)
+            StepRunner.compiled_variants += 2 * len(self.buckets)
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, StepRunner.compiled_variants)
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * StepRunner.compiled_variants)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
         self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
         # one captured graph per variant, with its static inputs and output
