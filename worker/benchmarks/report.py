@@ -60,27 +60,37 @@ def main() -> None:
         doc = load(f"ar-vs-hf-{th}t.json")
         if doc:
             ar, hf = doc["modes"]["ar"], doc["modes"]["hf-generate"]
+            floor = doc["modes"].get("matmul-floor", {})
             rows.append(f"| {th} | {ar['tokens_per_s']} | {hf['tokens_per_s']} | "
-                        f"{ar['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {hf['identical_to_ar']} |")
+                        f"{ar['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {hf['identical_to_ar']} | "
+                        f"{floor.get('tokens_per_s', '')} | {floor.get('max_speedup_vs_hf', '')}x |")
     if rows:
         lines += ["#### The engine against Hugging Face generate (ar, K=1)", "",
-                  "| threads | dexserve ar tokens/s | HF generate tokens/s | ratio | identical |", "|---|---|---|---|---|"]
+                  "| threads | dexserve ar tokens/s | HF generate tokens/s | ratio | identical | weight matmuls alone, "
+                  "tokens/s | ceiling vs HF |", "|---|---|---|---|---|---|---|"]
         lines += rows + [""]
     sp = load("speedup.json")
     if sp:
+        c = sp["config"]
         lines += ["#### Explorers on separate devices (2 cores here)", "",
-                  "| run | tokens/s | RPT | ms/round | identical to ar |", "|---|---|---|---|---|"]
+                  f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
+                  "the runs taking turns", "",
+                  "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
         for name, r in sp["runs"].items():
             extra = f" (exit layer {r['exit_layer']})" if "exit_layer" in r else ""
-            lines.append(f"| {name}{extra} | {r['tokens_per_s']} | {r.get('rpt', '')} | {r.get('ms_per_round', '')} | "
-                         f"{r['identical_to_ar']} |")
+            passes = " ".join(str(x) for x in r.get("tokens_per_s_repeats", []))
+            lines.append(f"| {name}{extra} | {r['tokens_per_s']} | {passes} | {r.get('rpt', '')} | "
+                         f"{r.get('ms_per_round', '')} | {r['identical_to_ar']} |")
         s = sp["summary"]
         lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
-                      f"of the others.", ""]
+                      f"of the others, {s.get('dex_vs_best_of_ar_and_layerskip', '')}x the best of ar and LayerSkip.", ""]
         pj = sp["projection"]
+        if "step_slowdown_when_concurrent" in pj:
+            lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "
+                      "the other explorer runs as it does alone (the two cores share caches and memory bandwidth).", ""]
         lines += ["Projection, one device per explorer (measured step times, measured RPT, measured per-round "
                   f"overhead {pj['overhead_ms_per_round']} ms;",
-                  "the projection runs K=8 at W = 2^(K−1) = 128, where capacity no longer binds):", "",
+                  "explorer steps timed alone, as on devices that share no memory; W = 2^(K−1)):", "",
                   "| K | RPT | slowest explorer step ms | round ms | projected tokens/s | vs ar | ideal K/RPT |",
                   "|---|---|---|---|---|---|---|"]
         for k, v in pj.items():

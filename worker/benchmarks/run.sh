@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces every figure in the README's benchmark section, on the shipped model
 # and its held-out prompts. Results land in worker/benchmarks/results/ as JSON.
-# Run on a quiet machine (nothing else using the cores): ~25 minutes on 2 cores.
+# Run on a quiet machine (nothing else using the cores): ~45 minutes on 2 cores.
+# Single steps: STEPS="2 3" bash worker/benchmarks/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
@@ -9,29 +10,46 @@ OUT=worker/benchmarks/results
 mkdir -p "$OUT"
 N=${PROMPTS:-50}
 T=${NEW_TOKENS:-64}
+STEPS=${STEPS:-1 2 3 4 5 6}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. DEX vs ar vs every select:J vs the EAD oracle, K = 4, 2, 8 (one process, 1 thread)
+if want 1; then
 for K in ${KS:-4 2 8}; do
   "$BIN/dex" bench --explorers "$K" --width 8 --limit "$N" --max-new-tokens "$T" --threads 1 \
       --profile --out "$OUT/bench-k$K.json"
 done
+fi
 
-# 2. the engine's own overhead: ar (K=1) against Hugging Face generate, 1 and 2 threads
+# 2. the engine's own overhead: ar (K=1, compiled step) against Hugging Face generate, 1 and 2
+#    threads, beside the weight matmuls alone (the floor for any fp32 engine)
+if want 2; then
 for TH in 1 2; do
-  "$BIN/dex" bench --explorers 1 --width 1 --modes ar --hf --limit "$N" --max-new-tokens "$T" \
+  "$BIN/dex" bench --explorers 1 --width 1 --modes ar --hf --compile --limit "$N" --max-new-tokens "$T" \
       --threads "$TH" --out "$OUT/ar-vs-hf-${TH}t.json"
 done
+fi
 
-# 3. explorers on 2 devices (2 processes x 1 thread) vs ar, select:1 and HF LayerSkip; projection K=4, 8
-"$BIN/python" -m dexserve.engine.speedup --limit "$N" --max-new-tokens "$T" --out "$OUT/speedup.json"
+# 3. explorers on 2 devices (2 processes x 1 thread, shared-memory and gloo transports) vs ar,
+#    select:1 and HF LayerSkip, 3 passes taken in turns; projection K=4, 8
+if want 3; then
+"$BIN/python" -m dexserve.engine.speedup --compile --repeats 3 --limit "$N" --max-new-tokens "$T" \
+    --out "$OUT/speedup.json"
+fi
 
 # 4. the service: stand-in engine (isolates gateway + queue), then the real engine
+if want 4; then
 "$BIN/python" -m dexserve.gateway.bench --concurrency 1 10 100 --tokens 64 --json > "$OUT/service-standin.json"
 "$BIN/python" -m dexserve.gateway.bench --engine dex --explorers 4 --width 8 --concurrency 1 4 \
     --tokens 64 --max-batch 4 --json > "$OUT/service-dex.json"
+fi
 
 # 5. tracing overhead on the shipped model
+if want 5; then
 "$BIN/python" -m dexserve.telemetry.bench_overhead --repeats 5 --max-new-tokens 64 --json "$OUT/tracing-overhead.json"
+fi
 
 # 6. per-depth agreement of the shipped model's readouts with its final token
+if want 6; then
 "$BIN/python" -m dexserve.training.agreement --limit "$N" --max-new-tokens "$T" > "$OUT/agreement.txt"
+fi

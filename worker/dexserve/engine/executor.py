@@ -150,9 +150,11 @@ class StepRunner:
 
 
 def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> None:
-    """Compile or capture every variant at start-up (prefill is always greedy)."""
+    """Compile or capture variants at start-up (prefill is always greedy). CUDA
+    graphs: all of them. CPU compile: the greedy ones; a sampled variant compiles
+    on the first sampled round (seconds of compile per explorer, once)."""
     for r in lattice:
-        r.warm_up()
+        r.warm_up(sampled=(False, True) if r.use_graph else (False,))
     for r in prefill:
         r.warm_up(sampled=(False,))
 

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                "projected_speedup_vs_ar_1t": round(tps * ar_ms_per_token / 1e3, 3),
                                "ideal_speedup_K_over_rpt": round(K / st["rpt"], 3)}
     emit({"config": {"model": card.name, "prompts": len(prompts), "max_new_tokens": new, "width": args.width,
-                     "compile": args.compile}, "runs": res, "summary": summary, "projection": projection},
+                     "compile": args.compile, "repeats": args.repeats}, "runs": res, "summary": summary, "projection": projection},
          args.out, args.json, table)
 
 
