@@ -85,7 +85,8 @@ def test_shm_transport_is_refused_where_it_cannot_work(tiny_dirs):
                                                           device="cuda"))
 
 
-def test_explorers_exit_when_their_coordinator_is_killed(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+def test_explorers_exit_when_their_coordinator_is_killed(tiny_dirs, tmp_path, transport):
     """kill -9 of the worker must not leave explorer processes spinning on the host."""
     import subprocess
     import sys
@@ -97,10 +98,11 @@ def test_explorers_exit_when_their_coordinator_is_killed(tiny_dirs, tmp_path):
         "from dexserve.engine.engine import Engine, EngineConfig\n"
         "if __name__ == '__main__':\n"
         "    eng = Engine.load(sys.argv[1], EngineConfig(explorers=3, width=1, max_context=32, max_batch=1,\n"
-        "                                               executor='distributed', transport='shm'))\n"
+        "                                               executor='distributed', transport=sys.argv[2]))\n"
         "    print(*eng.executor.pids(), flush=True)\n"
         "    time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dirs["llama"])], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_dirs["llama"]), transport],
+                            stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
@@ -120,3 +122,28 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+def test_idle_explorers_outlive_the_answer_timeout(tiny_dirs, transport):
+    """A worker may sit idle far longer than an explorer may take to answer: the
+    explorers must still be there (and exact) for the next request."""
+    import time
+    from datetime import timedelta
+
+    from dexserve.engine.distributed import DistributedExecutor
+    from dexserve.engine.model_card import ModelCard
+
+    path = str(tiny_dirs["llama"])
+    cfg = EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)
+    expected = decode(Engine.load(path, cfg), [(3, 4, 5)], SamplingParams())
+    card = ModelCard.load(path)
+    ex = DistributedExecutor(card, Engine.executor_spec(card, cfg), transport=transport, timeout=timedelta(seconds=2))
+    eng = Engine(card, cfg, ex, card.tokenizer())
+    try:
+        assert decode(eng, [(3, 4, 5)], SamplingParams()) == expected
+        time.sleep(5)  # idle for more than twice the timeout
+        assert decode(eng, [(3, 4, 5)], SamplingParams()) == expected
+        assert all(p.is_alive() for p in ex.procs)
+    finally:
+        eng.close()

@@ -137,7 +137,7 @@ def matmul_floor(card: ModelCard, repeats: int = 200) -> dict:
     from dexserve.engine.model import load_weights
 
     w = load_weights(card, range(card.num_layers), need_embed=True)
-    mats = [m for lw in w.layers for m in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [w.lm_head]
+    mats = [m for lw in w.layers.values() for m in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [w.lm_head]
     rows = {m.shape[1]: torch.randn(1, m.shape[1]) for m in mats}
     with torch.no_grad():
         for _ in range(10):

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+from datetime import timedelta
 from typing import Literal, Sequence
 
 import torch
@@ -136,6 +137,7 @@ class _Rank:
         if n_retire:
             off = self.codec.header + sum(self.codec.sizes)
             r = payload[off:off + 2 * self.codec.retire_max].view(2, self.codec.retire_max)[:, :n_retire]
+            r = r.to(self.device, non_blocking=True)
             self.step.retire(r[0], r[1])
         k = self.rank
         wmax = max(self.spec.widths)
@@ -151,11 +153,12 @@ class _Rank:
             self.step_calls += 1
             cand[: out.shape[0]] = out
             if handing and k + 1 < self.world:
-                sent = self.transport.handoff_send(self.step.hidden.index_select(0, inputs.slot), k + 1)
+                rows = self.step.hidden.index_select(0, inputs.slot.to(self.device, non_blocking=True))
+                sent = self.transport.handoff_send(rows, k + 1)
         if handing and k > 0 and counts[k - 1]:
             buf = torch.empty(self.spec.widths[k - 1], self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
             self.transport.handoff_recv(buf, k - 1)
-            self.step.hidden.index_copy_(0, self.slots_of(payload, k - 1), buf)
+            self.step.hidden.index_copy_(0, self.slots_of(payload, k - 1).to(self.device, non_blocking=True), buf)
         if sent is not None:
             sent.wait()
         return cand
@@ -165,15 +168,16 @@ class _Rank:
         """Prefill runs the explorers in sequence: hidden states flow down the pipe."""
         P = self.spec.buffers.prefill_rows
         inputs = self.codec.unpack_inputs(payload[self.codec.header:self.codec.header + self.codec.prefill_size], P)
+        slots = inputs.slot.to(self.device, non_blocking=True)
         handing = not self.transport.shares_hidden
         if self.rank > 0:
             buf = torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
             self.transport.handoff_recv(buf, self.rank - 1)
             if handing:
-                self.step.hidden.index_copy_(0, inputs.slot, buf)
+                self.step.hidden.index_copy_(0, slots, buf)
         self.prefill_runner(inputs, sampled=False, span=int(payload[1]))
         if self.rank + 1 < self.world:
-            rows = self.step.hidden.index_select(0, inputs.slot) if handing else self.step.hidden[:0]
+            rows = self.step.hidden.index_select(0, slots) if handing else self.step.hidden[:0]
             sent = self.transport.handoff_send(rows, self.rank + 1)
             if sent is not None:
                 sent.wait()
@@ -183,7 +187,9 @@ class _Rank:
         self.step.set_sampling(int(index), _i2f(int(temp)), int(top_k), _i2f(int(top_p)), int(seed))
 
     def serve(self, payload: torch.Tensor) -> None:
-        """Ranks > 0: follow the coordinator's commands until told to stop."""
+        """Ranks > 0: follow the coordinator's commands until told to stop.
+        `payload` is a CPU tensor: commands are host data; index tensors move to
+        the device as the step needs them."""
         while True:
             self.transport.broadcast(payload)
             cmd = int(payload[0])
@@ -199,26 +205,27 @@ class _Rank:
             self.transport.wait_all()
 
 
-def _init(rank: int, world: int, addr: str, port: int, backend: str) -> None:
+def _init(rank: int, world: int, addr: str, port: int, backend: str, timeout: timedelta) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
 
 
 def _explorer_process(rank: int, world: int, port: int, model_path: str, spec: ExecutorSpec, threads: int,
-                      shared: SharedRound | None) -> None:
+                      shared: SharedRound | None, timeout: timedelta) -> None:
     torch.set_num_threads(threads)
     if shared is None:
-        _init(rank, world, "127.0.0.1", port, "nccl" if spec.device.startswith("cuda") else "gloo")
+        _init(rank, world, "127.0.0.1", port, "nccl" if spec.device.startswith("cuda") else "gloo", timeout)
         transport: Transport = CollectiveTransport(rank, world)
         payload = None
     else:
-        transport = SharedMemoryTransport(rank, world, shared, parent_watch())
+        transport = SharedMemoryTransport(rank, world, shared, parent_watch(), timeout)
         payload = shared.plan
     code = 0
     try:
         me = _Rank.build(rank, ModelCard.load(model_path), spec, transport,
                          hidden=None if shared is None else shared.hidden)
-        me.serve(payload if payload is not None else torch.zeros(me.codec.size, dtype=torch.long, device=me.device))
+        transport.ready()
+        me.serve(payload if payload is not None else torch.zeros(me.codec.size, dtype=torch.long))
     except Exception:  # noqa: BLE001 - the coordinator sees the failure as ExplorerFailure
         import traceback
 
@@ -250,13 +257,16 @@ class DistributedExecutor:
     """The coordinator side (rank 0), an `Executor` like the reference one."""
 
     def __init__(self, card: ModelCard, spec: ExecutorSpec, threads: int | None = None,
-                 transport: TransportKind = "auto") -> None:
+                 transport: TransportKind = "auto", timeout: timedelta = TIMEOUT) -> None:
+        """`timeout`: how long the coordinator waits for an explorer's answer
+        within a command (idle explorers wait for the next command forever)."""
         if spec.explorers < 2:
             raise ValueError("the distributed executor needs at least 2 explorers")
         self.card = card
         self.spec = spec
         self.threads = threads or 1
         self.transport_kind = resolve_transport(transport, spec.device)
+        self.timeout = timeout
         self.codec = PlanCodec(spec)
         self.procs: list[mp.process.BaseProcess] = []
         self._start()
@@ -274,26 +284,28 @@ class DistributedExecutor:
                                         b.hidden_rows, dims.hidden, self.spec.dtype)
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if torchrun:
-            dist.init_process_group("nccl" if self.spec.device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+            dist.init_process_group("nccl" if self.spec.device.startswith("cuda") else "gloo", timeout=self.timeout)
         else:
             port = _free_port()
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_explorer_process, daemon=True, name=f"dex-explorer-{r}",
-                                      args=(r, world, port, str(self.card.path), self.spec, self.threads, shared))
+                                      args=(r, world, port, str(self.card.path), self.spec, self.threads, shared,
+                                            self.timeout))
                           for r in range(1, world)]
             for p in self.procs:
                 p.start()
             if shared is None:
-                _init(0, world, "127.0.0.1", port, "nccl" if self.spec.device.startswith("cuda") else "gloo")
+                _init(0, world, "127.0.0.1", port, "nccl" if self.spec.device.startswith("cuda") else "gloo",
+                      self.timeout)
         if shared is None:
             self.transport: Transport = CollectiveTransport(0, world)
         else:
-            self.transport = SharedMemoryTransport(0, world, shared, self._check_alive)
+            self.transport = SharedMemoryTransport(0, world, shared, self._check_alive, self.timeout)
         self.local = _Rank.build(0, self.card, self.spec, self.transport,
                                  hidden=None if shared is None else shared.hidden)
+        self.transport.ready()
         self.packer = RowPacker(self.spec.buffers, dims.sliding_window)
-        self.payload = shared.plan if shared is not None else torch.zeros(self.codec.size, dtype=torch.long,
-                                                                          device=self.local.device)
+        self.payload = shared.plan if shared is not None else torch.zeros(self.codec.size, dtype=torch.long)
         self.sampled = [False] * self.spec.buffers.max_batch
 
     def restart(self) -> None:
@@ -349,7 +361,7 @@ class DistributedExecutor:
             x = self.packer.prefill(index, token_ids[start:start + P], start, P)
             self.payload.zero_()
             self.payload[1] = self.local.prefill_runner.span(int((x.hi - x.lo).max()))
-            self.payload[self.codec.header:self.codec.header + self.codec.prefill_size] = PlanCodec.pack_inputs(x).to(self.payload.device)
+            self.payload[self.codec.header:self.codec.header + self.codec.prefill_size] = PlanCodec.pack_inputs(x)
             self._send(CMD_PREFILL)
             self.local.prefill(self.payload)
             self.transport.wait_all()
@@ -374,7 +386,7 @@ class DistributedExecutor:
             retire[1, i] = r.request_index * b.max_context + r.position
         flat.append(retire.reshape(-1))
         packed = torch.cat(flat)
-        self.payload[: packed.numel()] = packed.to(self.payload.device)
+        self.payload[: packed.numel()] = packed
         self._send(CMD_ROUND)
         gathered = self.transport.gather(self.local.round(self.payload))
         out = torch.stack(gathered).cpu().tolist()  # the one host sync of the round
@@ -411,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     transport = CollectiveTransport(rank, dist.get_world_size())
     try:
         me = _Rank.build(rank, card, spec, transport)
-        me.serve(torch.zeros(me.codec.size, dtype=torch.long, device=me.device))
+        transport.ready()
+        me.serve(torch.zeros(me.codec.size, dtype=torch.long))
     finally:
         transport.close()
 

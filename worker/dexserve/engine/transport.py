@@ -13,6 +13,12 @@ slot is read and written in the same round).
 Protocol (both): the coordinator (rank 0) `broadcast`s a command; every rank
 runs it and answers (`gather` for a round, `wait_all` for other commands), so
 the coordinator never overwrites a command a rank is still reading.
+
+Timeouts: waiting for an answer is bounded (a peer that stops answering fails
+the round), waiting for the next command is not: a worker may sit idle for
+hours, and its explorers must still be there. A dead peer is noticed anyway
+(the coordinator checks its children; an explorer checks its parent; gloo sees
+the TCP connection close).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import torch
 import torch.distributed as dist
 
 TransportKind = Literal["auto", "shm", "torch"]
-TIMEOUT = timedelta(seconds=60)
+TIMEOUT = timedelta(seconds=60)   # for an answer within a command
+STARTUP = timedelta(minutes=15)   # for explorers to load and compile their steps
+IDLE = timedelta(days=365)        # for the next command: none in practice
 POLL_S = 0.2  # how often a blocked wait checks that its peers are alive
 
 
@@ -42,21 +50,27 @@ class Transport(Protocol):
     def broadcast(self, payload: torch.Tensor) -> None: ...
     def gather(self, cand: torch.Tensor) -> list[torch.Tensor] | None: ...
     def wait_all(self) -> None: ...
+    def ready(self) -> None: ...
     def handoff_send(self, rows: torch.Tensor, dst: int) -> "dist.Work | None": ...
     def handoff_recv(self, buf: torch.Tensor, src: int) -> None: ...
     def close(self) -> None: ...
 
 
 class CollectiveTransport:
-    """torch.distributed collectives and point-to-point sends."""
+    """torch.distributed collectives and point-to-point sends. Commands travel on
+    a CPU (gloo) group with no practical timeout, so idle explorers wait as long
+    as the worker does; the round's tensors use the default group (NCCL on CUDA)
+    and its timeout. Call after `init_process_group`, on every rank."""
 
     shares_hidden = False
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
+        self.control = dist.new_group(backend="gloo", timeout=IDLE)
 
     def broadcast(self, payload: torch.Tensor) -> None:
-        dist.broadcast(payload, 0)
+        """`payload` is a CPU tensor on every rank."""
+        dist.broadcast(payload, 0, group=self.control)
 
     def gather(self, cand: torch.Tensor) -> list[torch.Tensor] | None:
         if self.rank:
@@ -68,6 +82,9 @@ class CollectiveTransport:
 
     def wait_all(self) -> None:
         """Ranks process commands in order; a later collective waits for them."""
+
+    def ready(self) -> None:
+        """The first command waits on the control group, which has no timeout."""
 
     def handoff_send(self, rows: torch.Tensor, dst: int) -> "dist.Work":
         """Asynchronous: every explorer sends before it receives; wait on the handle."""
@@ -118,17 +135,18 @@ class SharedMemoryTransport:
         self.alive = alive
         self.timeout = timeout.total_seconds()
 
-    def _wait(self, sem) -> None:
+    def _wait(self, sem, limit: float | None) -> None:
+        """Take `sem`, checking peers every POLL_S; `limit` seconds at most (None: no limit)."""
         # a short spin first: the answer usually comes within a segment's time,
         # and a blocked wait adds a scheduler wake-up to every round
         for _ in range(2000):
             if sem.acquire(False):
                 return
-        deadline = time.monotonic() + self.timeout
+        deadline = None if limit is None else time.monotonic() + limit
         while not sem.acquire(timeout=POLL_S):
             self.alive()
-            if time.monotonic() > deadline:
-                raise PeerLost(f"no answer within {self.timeout:.0f} s")
+            if deadline is not None and time.monotonic() > deadline:
+                raise PeerLost(f"no answer within {limit:.0f} s")
 
     def broadcast(self, payload: torch.Tensor) -> None:
         if self.rank == 0:
@@ -137,7 +155,7 @@ class SharedMemoryTransport:
             for r in range(1, self.world):
                 self.shared.go[r].release()
         else:
-            self._wait(self.shared.go[self.rank])
+            self._wait(self.shared.go[self.rank], None)  # idle until the next command
             if payload.data_ptr() != self.shared.plan.data_ptr():
                 payload.copy_(self.shared.plan)
 
@@ -149,12 +167,19 @@ class SharedMemoryTransport:
         self.wait_all()
         return list(self.shared.cand.unbind(0))
 
-    def wait_all(self) -> None:
+    def wait_all(self, limit: timedelta | None = None) -> None:
+        """Ranks: answer. Coordinator: wait for every answer (`limit`: default the timeout)."""
         if self.rank:
             self.shared.done[self.rank].release()
             return
+        seconds = (limit.total_seconds() if limit else self.timeout)
         for r in range(1, self.world):
-            self._wait(self.shared.done[r])
+            self._wait(self.shared.done[r], seconds)
+
+    def ready(self) -> None:
+        """Start-up handshake: explorers say they have loaded; the coordinator waits
+        up to STARTUP for all of them (loading and compiling take longer than a round)."""
+        self.wait_all(STARTUP)
 
     def handoff_send(self, rows: torch.Tensor, dst: int) -> None:
         """The rows are already in the shared hidden buffer: only signal."""
@@ -162,7 +187,7 @@ class SharedMemoryTransport:
         return None
 
     def handoff_recv(self, buf: torch.Tensor, src: int) -> None:
-        self._wait(self.shared.handoff[self.rank])
+        self._wait(self.shared.handoff[self.rank], self.timeout)
 
     def close(self) -> None:
         pass
