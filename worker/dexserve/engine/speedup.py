@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         eng = _engine(args.model, 2, args.width, "distributed", args.compile, 1, transport)
         engines.append(eng)
         for mode in ("dex", "select:1"):
-            contenders[f"{mode}-K2-2proc-1t{suffix}"] = lambda e=eng, m=mode: measure(e, m, prompts, new, local_step=True)
+            # every contender sets its own thread count: the coordinator is an explorer of 1 thread
+            contenders[f"{mode}-K2-2proc-1t{suffix}"] = lambda e=eng, m=mode: (
+                torch.set_num_threads(1), measure(e, m, prompts, new, local_step=True))[1]
     for e in [int(x) for x in args.exits.split(",") if x]:
         contenders[f"hf-layerskip-2t:{e}"] = lambda e=e: _layerskip(card.path, prompts, new, e)
     try:
