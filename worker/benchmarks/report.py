@@ -41,7 +41,9 @@ def main() -> None:
     for K in (4, 2, 8):
         doc = load(f"bench-k{K}.json")
         if doc:
-            lines += [f"#### K = {K}", ""] + modes_table(doc) + [""]
+            lines += [f"#### K = {K}", "",
+                      f"`dex bench --explorers {K} --width 8 --limit 50 --max-new-tokens 64 --threads 1 --profile`", ""]
+            lines += modes_table(doc) + [""]
             modes = doc["modes"]
             selects = [v["rpt"] for k, v in modes.items() if k.startswith("select:")]
             if selects and modes.get("dex"):
@@ -65,14 +67,19 @@ def main() -> None:
                         f"{ar['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {hf['identical_to_ar']} | "
                         f"{floor.get('tokens_per_s', '')} | {floor.get('max_speedup_vs_hf', '')}x |")
     if rows:
-        lines += ["#### The engine against Hugging Face generate (ar, K=1)", "",
+        lines += ["### The engine against Hugging Face generate (ar, K=1)", "",
+                  "`dex bench --explorers 1 --width 1 --modes ar --hf --compile --limit 50 --max-new-tokens 64 "
+                  "--threads T` (T = 1, 2); the last two columns time the model's weight matmuls alone (one row through "
+                  "every projection and the LM head, nothing else), the floor for any engine that reads these fp32 "
+                  "weights per token, and its ratio to Hugging Face", "",
                   "| threads | dexserve ar tokens/s | HF generate tokens/s | ratio | identical | weight matmuls alone, "
                   "tokens/s | ceiling vs HF |", "|---|---|---|---|---|---|---|"]
         lines += rows + [""]
     sp = load("speedup.json")
     if sp:
         c = sp["config"]
-        lines += ["#### Explorers on separate devices (2 cores here)", "",
+        lines += ["### Explorers on separate devices (2 cores here)", "",
+                  "`python -m dexserve.engine.speedup --compile --repeats 3 --limit 50 --max-new-tokens 64`", "",
                   f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
                   "the runs taking turns", "",
                   "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
@@ -99,7 +106,39 @@ def main() -> None:
                              f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
                              f"{v['ideal_speedup_K_over_rpt']}x |")
         lines.append("")
+    lines += service_tables()
     print("\n".join(lines))
+
+
+def service_tables() -> list[str]:
+    """The gateway + queue (stand-in engine) and real-engine service runs, and the tracing cost."""
+    out: list[str] = []
+    runs = [d for d in (load("service-standin.json"), load("service-dex.json")) if d]
+    if runs:
+        out += ["### The service", "",
+                "`python -m dexserve.gateway.bench --concurrency 1 10 100 --tokens 64` (a stand-in engine that commits "
+                "instantly: what the gateway and the queue cost) and `python -m dexserve.gateway.bench --engine dex "
+                "--explorers 4 --width 8 --concurrency 1 4 --tokens 64 --max-batch 4` (the real engine, one worker)", "",
+                "| engine | streams | tokens/s (all streams) | commit→client p50 / p99 ms | TTFT p50 / p99 ms | "
+                "tokens/s per stream (p50) |", "|---|---|---|---|---|---|"]
+        for d in runs:
+            for lv in d["levels"]:
+                out.append(f"| {d['engine']} | {lv['streams']} | {lv['tokens_per_s']} | {lv['commit_to_client_ms_p50']} / "
+                           f"{lv['commit_to_client_ms_p99']} | {lv['ttft_ms_p50']} / {lv['ttft_ms_p99']} | "
+                           f"{lv['stream_tokens_per_s_p50']} |")
+        out.append("")
+    tr = load("tracing-overhead.json")
+    if tr:
+        out += ["### Tracing cost", "",
+                "`python -m dexserve.telemetry.bench_overhead --repeats 5 --max-new-tokens 64`: the real engine with the "
+                "worker's observer, tracing off vs on (OTLP/gRPC export of a `decode` span with an event per commit and "
+                "per collapse to a local receiver)", "",
+                f"K={tr['explorers']}, W={tr['width']}, {tr['batch']} requests, {tr['repeats']} runs per arm, median: "
+                f"tracing off {tr['off']['median_tokens_per_second']:.1f} tokens/s, on "
+                f"{tr['on']['median_tokens_per_second']:.1f} tokens/s ({tr['overhead_pct']:+.2f}% wall time); the "
+                f"observer hooks take {tr['hook_overhead_pct']:.2f}% of decode time more with tracing on; "
+                f"{tr['exported']['spans']} spans and {tr['exported']['events']} events exported.", ""]
+    return out
 
 
 if __name__ == "__main__":
