@@ -1,19 +1,21 @@
-"""Depth explorers on K devices: one process per explorer over torch.distributed.
+"""Depth explorers on K devices: one process per explorer.
 
 Rank k runs explorer k+1: it loads only its own layers (rank 0 also the
 embedding; every rank the shared norm and head, since every boundary reads
 out) and holds only its layers' slice of the KV buffers. Rank 0 is also the
 coordinator: it owns the lattice, broadcasts each round's plan as one packed
 int64 tensor, runs explorer 1, and gathers every explorer's ranked candidates.
-After its step, explorer k sends the hidden states of the rows it ran to
-explorer k+1, which stores them by lattice slot for a later round. All
-explorers of a round run at the same time; each round costs the slowest
-segment plus three small messages (plan broadcast, hidden hand-off, gather).
+Explorer k's hidden states reach explorer k+1 for a later round. All explorers
+of a round run at the same time; a round costs the slowest segment plus the
+plan, the hand-off and the gather.
 
-Backends: gloo on CPU, NCCL on CUDA (rank k on cuda:k). The worker starts the
-explorer processes itself; under torchrun (RANK/WORLD_SIZE set) rank 0 is the
-worker and ranks > 0 run `python -m dexserve.engine.distributed`.
-A dead explorer surfaces as `ExplorerFailure`; `restart()` brings up a fresh set.
+How those travel is the transport (`dexserve.engine.transport`): shared memory
+and semaphores for CPU explorers on this host (the hidden-state buffer itself
+is shared, so there is no hand-off message), torch.distributed otherwise (gloo
+on CPU, NCCL on CUDA with rank k on cuda:k). The worker starts the explorer
+processes itself; under torchrun (RANK/WORLD_SIZE set) rank 0 is the worker and
+ranks > 0 run `python -m dexserve.engine.distributed`. A dead explorer surfaces
+as `ExplorerFailure`; `restart()` brings up a fresh set.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ class _Rank:
         slots = inputs.slot.to(self.device, non_blocking=True)
         handing = not self.transport.shares_hidden
         if self.rank > 0:
-            buf = torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
+            buf = (torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device) if handing
+                   else self.step.hidden[:0])  # shared buffer: the rows are already in place
             self.transport.handoff_recv(buf, self.rank - 1)
             if handing:
                 self.step.hidden.index_copy_(0, slots, buf)
