@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 
 from dexserve.queue.protocol import QueueNames
 from dexserve.telemetry.receiver import OtlpReceiver
-from service.conftest import (TEST_SETTINGS, names, queue_flags, rclient, redis_server,  # noqa: F401 (fixtures)
+from service.conftest import (TEST_SETTINGS, names, queue_flags, rclient, redis_server, stop_processes,  # noqa: F401 (fixtures)
                              standin_model)
 
 ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256",
@@ -75,15 +74,7 @@ class Stack:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, 15)
 
 
 def _spawn(stack: Stack, log: Path, cmd: list[str], env: dict) -> subprocess.Popen:

@@ -52,6 +52,11 @@ def measure(eng: Engine, mode: str, prompts: list[str], new: int, local_step: bo
     return out
 
 
+def _threads(n: int, run: Callable[[], dict]) -> dict:
+    torch.set_num_threads(n)
+    return run()
+
+
 def _layerskip(model_dir, prompts: list[str], new: int, exit_layer: int) -> dict:
     torch.set_num_threads(2)
     s, n, outs = hf_baseline(model_dir, prompts, new, assistant_early_exit=exit_layer)
@@ -95,16 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     engines: list[Engine] = []
     ar = _engine(args.model, 1, 1, "reference", args.compile, 1)
     engines.append(ar)
+    # every contender sets its own thread count (the previous one may have left another)
     for threads in (1, 2):
-        contenders[f"ar-1proc-{threads}t"] = lambda t=threads: (torch.set_num_threads(t), measure(ar, "ar", prompts, new))[1]
+        contenders[f"ar-1proc-{threads}t"] = lambda t=threads: _threads(t, lambda: measure(ar, "ar", prompts, new))
     for transport, suffix in (("shm", ""), ("torch", "-gloo")):
         torch.set_num_threads(1)
         eng = _engine(args.model, 2, args.width, "distributed", args.compile, 1, transport)
         engines.append(eng)
         for mode in ("dex", "select:1"):
-            # every contender sets its own thread count: the coordinator is an explorer of 1 thread
-            contenders[f"{mode}-K2-2proc-1t{suffix}"] = lambda e=eng, m=mode: (
-                torch.set_num_threads(1), measure(e, m, prompts, new, local_step=True))[1]
+            # the coordinator is an explorer of 1 thread
+            contenders[f"{mode}-K2-2proc-1t{suffix}"] = lambda e=eng, m=mode: _threads(
+                1, lambda: measure(e, m, prompts, new, local_step=True))
     for e in [int(x) for x in args.exits.split(",") if x]:
         contenders[f"hf-layerskip-2t:{e}"] = lambda e=e: _layerskip(card.path, prompts, new, e)
     try:
