@@ -43,7 +43,7 @@ from dexserve.v1 import dex_pb2 as pb  # noqa: E402
 from dexserve.v1 import dex_pb2_grpc  # noqa: E402
 
 NAME = "Generate"
-REPO_PROMPTS = Path(__file__).resolve().parents[1] / "worker/dexserve/models/dexcode-6m/heldout_prompts.jsonl"
+REPO_PROMPTS = Path(__file__).resolve().parents[1] / "service/dexserve/models/dexcode-6m/heldout_prompts.jsonl"
 
 
 @events.init_command_line_parser.add_listener
@@ -63,7 +63,7 @@ def load_prompts(path: str = "") -> list[str]:
     elif REPO_PROMPTS.is_file():
         src = REPO_PROMPTS
     else:  # installed package, not a checkout
-        from dexserve.engine.model_card import shipped_model_dir
+        from dexserve.contract.model_card import shipped_model_dir
 
         src = shipped_model_dir() / "heldout_prompts.jsonl"
     prompts = [json.loads(line)["prompt"] for line in src.read_text().splitlines() if line.strip()]

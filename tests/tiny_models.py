@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dexserve.engine.model_card import shipped_model_dir
+from dexserve.contract.model_card import shipped_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

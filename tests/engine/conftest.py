@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: threads only add contention on 2 cores
 
-from dexserve.engine.model_card import shipped_model_dir  # noqa: E402
+from dexserve.contract.model_card import shipped_model_dir  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")

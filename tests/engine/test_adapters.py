@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 from engine.conftest import hf_greedy
-from dexserve.engine.engine import Engine, EngineConfig
+from dexserve.engine.engine import DexEngine, EngineConfig
 from dexserve.engine.model import ADAPTER_FILE
-from dexserve.engine.model_card import ModelLoadError
-from dexserve.engine.request import GenerationRequest
+from dexserve.contract.model_card import ModelLoadError
+from dexserve.contract.request import GenerationRequest
 
 
 def decode(path, mode: str) -> tuple[list[int], list[int]]:
-    eng = Engine.load(str(path), EngineConfig(explorers=4, width=8, mode=mode, max_context=64, max_batch=1))
+    eng = DexEngine.load(str(path), EngineConfig(explorers=4, width=8, mode=mode, max_context=64, max_batch=1))
     tokens, readouts = [], []
     eng.add(GenerationRequest("a", prompt_ids=(7, 8, 9), max_new_tokens=12, ignore_eos=True))
     while eng.active:
@@ -53,4 +53,4 @@ def test_bad_adapter_file_is_refused(tiny_dirs, tmp_path, tensors, error):
     shutil.copytree(tiny_dirs["llama"], adapted)
     save_file(tensors, adapted / ADAPTER_FILE)
     with pytest.raises(ModelLoadError, match=error):
-        Engine.load(str(adapted))
+        DexEngine.load(str(adapted))

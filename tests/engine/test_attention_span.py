@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.engine.step import span_buckets, span_for
 
 
@@ -24,7 +24,7 @@ def test_buckets_are_powers_of_two_capped_by_the_limit():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_every_bucket_that_holds_the_rows_matches_the_full_span(tiny_dirs, family):
-    eng = Engine.load(str(tiny_dirs[family]), EngineConfig(explorers=2, width=4, max_context=256, max_batch=2,
+    eng = DexEngine.load(str(tiny_dirs[family]), EngineConfig(explorers=2, width=4, max_context=256, max_batch=2,
                                                            prefill_chunk=16))
     # two requests with different context lengths share each explorer's step
     eng.add(GenerationRequest("long", prompt_ids=tuple(range(3, 73)), max_new_tokens=20, ignore_eos=True))

@@ -10,15 +10,16 @@ import signal
 import pytest
 
 from engine.conftest import shipped_available
-from dexserve.engine.engine import Engine, EngineConfig, EngineFailure
-from dexserve.engine.model_card import shipped_model_dir
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.engine.tokenizer import load_tokenizer
+from dexserve.engine.engine import DexEngine, EngineConfig, EngineFailure
+from dexserve.contract.model_card import shipped_model_dir
+from dexserve.contract.request import GenerationRequest, SamplingParams
 
 PROMPTS = [(5, 77, 300, 12, 900, 41), (1,), tuple(range(1, 40))]
 SAMPLINGS = [SamplingParams(), SamplingParams(0.9, 20, 0.9, 7)]
 
 
-def decode(eng: Engine, prompts, sampling: SamplingParams, new: int = 14) -> list[list[int]]:
+def decode(eng: DexEngine, prompts, sampling: SamplingParams, new: int = 14) -> list[list[int]]:
     """All prompts together (batch mix), each request's committed tokens."""
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -41,8 +42,8 @@ def models(tiny_dirs):
 def test_distributed_equals_reference(tiny_dirs, K, transport):
     for path in models(tiny_dirs):
         cfg = dict(explorers=K, width=4, max_context=96, max_batch=3, prefill_chunk=16)
-        ref = Engine.load(path, EngineConfig(**cfg))
-        dist = Engine.load(path, EngineConfig(**cfg, executor="distributed", transport=transport))
+        ref = DexEngine.load(path, EngineConfig(**cfg))
+        dist = DexEngine.load(path, EngineConfig(**cfg, executor="distributed", transport=transport))
         try:
             prompts = [p for p in PROMPTS]
             for sampling in SAMPLINGS:
@@ -57,10 +58,10 @@ def test_distributed_equals_reference(tiny_dirs, K, transport):
 @pytest.mark.parametrize("transport", ["torch", "shm"])
 def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs, transport):
     path = str(tiny_dirs["llama"])
-    eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1, executor="distributed",
+    eng = DexEngine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1, executor="distributed",
                                          transport=transport))
     try:
-        expected = decode(Engine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)),
+        expected = decode(DexEngine.load(path, EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)),
                           [(3, 4, 5)], SamplingParams())
         eng.add(GenerationRequest("doomed", prompt_ids=(9, 9, 9), max_new_tokens=40, ignore_eos=True))
         for _ in range(3):
@@ -81,7 +82,7 @@ def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs, transport):
 
 def test_shm_transport_is_refused_where_it_cannot_work(tiny_dirs):
     with pytest.raises(ValueError, match="transport shm is for CPU explorers"):
-        Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, executor="distributed", transport="shm",
+        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, executor="distributed", transport="shm",
                                                           device="cuda"))
 
 
@@ -95,9 +96,9 @@ def test_explorers_exit_when_their_coordinator_is_killed(tiny_dirs, tmp_path, tr
     script = tmp_path / "coordinator.py"
     script.write_text(
         "import sys, time\n"
-        "from dexserve.engine.engine import Engine, EngineConfig\n"
+        "from dexserve.engine.engine import DexEngine, EngineConfig\n"
         "if __name__ == '__main__':\n"
-        "    eng = Engine.load(sys.argv[1], EngineConfig(explorers=3, width=1, max_context=32, max_batch=1,\n"
+        "    eng = DexEngine.load(sys.argv[1], EngineConfig(explorers=3, width=1, max_context=32, max_batch=1,\n"
         "                                               executor='distributed', transport=sys.argv[2]))\n"
         "    print(*eng.executor.pids(), flush=True)\n"
         "    time.sleep(120)\n")
@@ -132,14 +133,14 @@ def test_idle_explorers_outlive_the_answer_timeout(tiny_dirs, transport):
     from datetime import timedelta
 
     from dexserve.engine.distributed import DistributedExecutor
-    from dexserve.engine.model_card import ModelCard
+    from dexserve.contract.model_card import ModelCard
 
     path = str(tiny_dirs["llama"])
     cfg = EngineConfig(explorers=2, width=2, max_context=64, max_batch=1)
-    expected = decode(Engine.load(path, cfg), [(3, 4, 5)], SamplingParams())
+    expected = decode(DexEngine.load(path, cfg), [(3, 4, 5)], SamplingParams())
     card = ModelCard.load(path)
-    ex = DistributedExecutor(card, Engine.executor_spec(card, cfg), transport=transport, timeout=timedelta(seconds=2))
-    eng = Engine(card, cfg, ex, card.tokenizer())
+    ex = DistributedExecutor(card, DexEngine.executor_spec(card, cfg), transport=transport, timeout=timedelta(seconds=2))
+    eng = DexEngine(card, cfg, ex, load_tokenizer(card))
     try:
         assert decode(eng, [(3, 4, 5)], SamplingParams()) == expected
         time.sleep(5)  # idle for more than twice the timeout

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.model_card import ModelLoadError
-from dexserve.engine.request import GenerationRequest, InvalidRequest, SamplingParams
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.model_card import ModelLoadError
+from dexserve.contract.request import GenerationRequest, InvalidRequest, SamplingParams
 
 
 def dex(*args: str) -> subprocess.CompletedProcess:
@@ -18,25 +18,25 @@ def dex(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def eng(tiny_dirs) -> Engine:
-    return Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=16, max_batch=1))
+def eng(tiny_dirs) -> DexEngine:
+    return DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=16, max_batch=1))
 
 
 def test_missing_model_dir(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
-        Engine.load(str(tmp_path / "nope"))
+        DexEngine.load(str(tmp_path / "nope"))
 
 
 def test_partial_checkpoint(tmp_path, tiny_dirs):
     (tmp_path / "config.json").write_text((tiny_dirs["llama"] / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="safetensors"):
-        Engine.load(str(tmp_path))
+        DexEngine.load(str(tmp_path))
 
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ModelLoadError, match="gpt2.*not supported"):
-        Engine.load(str(tmp_path))
+        DexEngine.load(str(tmp_path))
 
 
 def test_missing_tensor_is_named(tmp_path, tiny_dirs):
@@ -49,22 +49,22 @@ def test_missing_tensor_is_named(tmp_path, tiny_dirs):
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj.weight"):
-        Engine.load(str(tmp_path))
+        DexEngine.load(str(tmp_path))
 
 
 def test_explorers_beyond_layer_count(tiny_dirs):
     with pytest.raises(ValueError, match="explorers.*layer count"):
-        Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=5))
+        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=5))
 
 
 def test_width_below_one(tiny_dirs):
     with pytest.raises(ValueError, match="width"):
-        Engine.load(str(tiny_dirs["llama"]), EngineConfig(width=0))
+        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(width=0))
 
 
 def test_bad_mode(tiny_dirs):
     with pytest.raises(ValueError, match="J must be a boundary in 1..1"):
-        Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, mode="select:2"))
+        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, mode="select:2"))
 
 
 def test_prompt_longer_than_context(eng):

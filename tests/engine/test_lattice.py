@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from dexserve.engine.lattice import Lattice, LatticeConfig, LatticeError, Readout
 from dexserve.engine.oracle import ead_oracle
-from dexserve.engine.records import FALLBACK
+from dexserve.contract.records import FALLBACK
 from engine.scripted import ScriptedModel, drive
 
 

@@ -9,20 +9,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.conftest import FAMILIES, hf_greedy, shipped_available
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.model_card import shipped_model_dir
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.model_card import shipped_model_dir
+from dexserve.contract.request import GenerationRequest, SamplingParams
 
 NEW = 12
 
 
 @functools.lru_cache(maxsize=64)
-def engine(path: str, K: int, W: int, batch: int = 1, policy: str = "priority", context: int = 96) -> Engine:
-    return Engine.load(path, EngineConfig(explorers=K, width=W, max_context=context, max_batch=batch, policy=policy,
+def engine(path: str, K: int, W: int, batch: int = 1, policy: str = "priority", context: int = 96) -> DexEngine:
+    return DexEngine.load(path, EngineConfig(explorers=K, width=W, max_context=context, max_batch=batch, policy=policy,
                                           prefill_chunk=8))
 
 
-def run(eng: Engine, mode: str, decs: bool, prompts: list[tuple[int, ...]], new: int = NEW,
+def run(eng: DexEngine, mode: str, decs: bool, prompts: list[tuple[int, ...]], new: int = NEW,
         sampling: SamplingParams = SamplingParams()) -> list[tuple[int, ...]]:
     """Decode all prompts together (a batch mix) and return each one's tokens."""
     eng.reconfigure(mode, decs)
@@ -64,7 +64,7 @@ def test_tiny_models_equal_hf_generate(tiny_dirs, family, prompt, K, W, decs):
 def test_shipped_model_equals_hf_generate(K, W):
     if not shipped_available():
         pytest.skip("shipped model weights not present")
-    from dexserve.engine.bench import load_prompts
+    from dexserve.engine.measure import load_prompts
 
     path = str(shipped_model_dir())
     eng = engine(path, K, W, context=256)

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import chisquare
 
 from engine.conftest import hf_logits
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.request import GenerationRequest, SamplingParams, TokenEvent
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.request import GenerationRequest, SamplingParams, TokenEvent
 from dexserve.engine.sampling import filtered_logits, selection_scores, uniform_noise
 
 
@@ -85,7 +85,7 @@ def test_engine_ar_first_token_follows_model_softmax(tiny_dirs):
     softmax(logits / T) of the reference model."""
     path = str(tiny_dirs["llama"])
     prompt = (11, 22, 33)
-    eng = Engine.load(path, EngineConfig(explorers=2, width=1, mode="ar", max_context=32, max_batch=1, prefill_chunk=4))
+    eng = DexEngine.load(path, EngineConfig(explorers=2, width=1, mode="ar", max_context=32, max_batch=1, prefill_chunk=4))
     n, T = 1500, 1.0
     counts = np.zeros(2048, dtype=np.int64)
     for seed in range(n):

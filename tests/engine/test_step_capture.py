@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.engine.step import ExplorerStep
 
 
@@ -22,7 +22,7 @@ def _restore(step: ExplorerStep, saved: list[torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("family", ["qwen3"])
 def test_step_compiles_fullgraph_and_matches_eager(tiny_dirs, family):
-    eng = Engine.load(str(tiny_dirs[family]), EngineConfig(explorers=2, width=4, max_context=64, max_batch=2,
+    eng = DexEngine.load(str(tiny_dirs[family]), EngineConfig(explorers=2, width=4, max_context=64, max_batch=2,
                                                            prefill_chunk=8))
     eng.add(GenerationRequest("a", prompt_ids=(5, 6, 7, 8, 9), max_new_tokens=8, ignore_eos=True))
     eng.add(GenerationRequest("b", prompt_ids=(3, 2), max_new_tokens=8, ignore_eos=True,
@@ -54,7 +54,7 @@ def test_compiled_engine_is_lossless(tiny_dirs):
     outs = []
     for compile_ in (False, True):
         torch._dynamo.reset()
-        eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=32, max_batch=1, prefill_chunk=4,
+        eng = DexEngine.load(path, EngineConfig(explorers=2, width=2, max_context=32, max_batch=1, prefill_chunk=4,
                                              compile=compile_))
         outs.append([ev.token_id for ev in eng.generate(GenerationRequest(
             "c", prompt_ids=(9, 8, 7), max_new_tokens=10, ignore_eos=True)) if hasattr(ev, "token_id")])
@@ -66,7 +66,7 @@ def test_cuda_graph_replay_is_lossless(tiny_dirs):
     path = str(tiny_dirs["llama"])
     outs = []
     for graphs in (False, True):
-        eng = Engine.load(path, EngineConfig(explorers=2, width=2, max_context=32, max_batch=1, device="cuda",
+        eng = DexEngine.load(path, EngineConfig(explorers=2, width=2, max_context=32, max_batch=1, device="cuda",
                                              cuda_graphs=graphs))
         outs.append([ev.token_id for ev in eng.generate(GenerationRequest(
             "g", prompt_ids=(9, 8, 7), max_new_tokens=10, ignore_eos=True)) if hasattr(ev, "token_id")])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.request import FinishReason, Finished, GenerationRequest, TokenEvent
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.request import FinishReason, Finished, GenerationRequest, TokenEvent
 
 
-def run(eng: Engine, req: GenerationRequest) -> tuple[list[int], str, Finished]:
+def run(eng: DexEngine, req: GenerationRequest) -> tuple[list[int], str, Finished]:
     ids, text, fin = [], [], None
     for ev in eng.generate(req):
         if isinstance(ev, TokenEvent):
@@ -19,7 +19,7 @@ def run(eng: Engine, req: GenerationRequest) -> tuple[list[int], str, Finished]:
 
 
 def test_stop_string_cuts_text_and_finishes(tiny_dirs):
-    eng = Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=128, max_batch=1))
+    eng = DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=128, max_batch=1))
     ids, full, fin = run(eng, GenerationRequest("a", prompt_ids=(4, 5, 6), max_new_tokens=40, ignore_eos=True))
     assert fin.reason is FinishReason.LENGTH and len(ids) == 40
     assert full == eng.tokenizer.decode(ids, skip_special_tokens=True)
@@ -33,7 +33,7 @@ def test_stop_string_cuts_text_and_finishes(tiny_dirs):
 
 
 def test_eos_finishes_and_max_new_tokens_counts(tiny_dirs):
-    eng = Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=128, max_batch=1))
+    eng = DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=128, max_batch=1))
     ids, _, fin = run(eng, GenerationRequest("c", prompt_ids=(4, 5, 6), max_new_tokens=40, ignore_eos=True))
     eos = ids[5]
     eng.card = type(eng.card)(**{**eng.card.__dict__, "eos_token_ids": (eos,)})  # pretend token ids[5] is EOS
@@ -46,6 +46,6 @@ def test_eos_finishes_and_max_new_tokens_counts(tiny_dirs):
 
 
 def test_context_limit_finishes(tiny_dirs):
-    eng = Engine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=12, max_batch=1))
+    eng = DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, width=2, max_context=12, max_batch=1))
     ids, _, fin = run(eng, GenerationRequest("f", prompt_ids=(4, 5, 6), max_new_tokens=40, ignore_eos=True))
     assert fin.reason is FinishReason.CONTEXT and len(ids) == 12 - 3

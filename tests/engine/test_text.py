@@ -3,7 +3,7 @@ twice, and partial UTF-8 is held back."""
 
 from __future__ import annotations
 
-from dexserve.engine.text import TextStream
+from dexserve.contract.text import TextStream
 
 
 class CharTokenizer:

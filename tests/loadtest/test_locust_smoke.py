@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from dexserve.client import stream_generate
-from dexserve.engine.model_card import shipped_model_dir
+from dexserve.contract.model_card import shipped_model_dir
 from dexserve.queue.embedded import free_port
 
 # Only look for locust: importing it here would gevent-monkey-patch the pytest process.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from dexserve.contract.limits import Limits
 from dexserve.gateway.config import GatewayConfig
 from dexserve.queue.embedded import EmbeddedRedis
 from dexserve.queue.protocol import QueueNames, QueueSettings
@@ -57,7 +58,7 @@ def rclient(redis_server):
 
 
 class Workers:
-    """Worker subprocesses (`python -m dexserve.worker`), stopped at teardown."""
+    """Worker subprocesses (`python -m dexserve.cli worker`), stopped at teardown."""
 
     def __init__(self, url: str, names: QueueNames, model: Path, settings: QueueSettings, log_dir: Path) -> None:
         self.url, self.names, self.model, self.settings, self.log_dir = url, names, model, settings, log_dir
@@ -66,7 +67,7 @@ class Workers:
     def start(self, *extra: str, engine: str = "standin", model: Path | None = None,
               settings: QueueSettings | None = None, url: str | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")
-        cmd = [sys.executable, "-m", "dexserve.worker", "--engine", engine, "--model", str(model or self.model),
+        cmd = [sys.executable, "-m", "dexserve.cli", "worker", "--engine", engine, "--model", str(model or self.model),
                *queue_flags(url or self.url, self.names, settings or self.settings), "--grace", "5", *extra]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.procs.append(proc)
@@ -122,7 +123,9 @@ def make_gateway(redis_server, names, standin_model):
 
     def make(**overrides) -> BackgroundGateway:
         cfg = dict(redis_url=redis_server.url, host="127.0.0.1", port=0, model=str(standin_model),
-                   max_context=512, names=names, settings=TEST_SETTINGS)
+                   names=names, settings=TEST_SETTINGS)
+        if "max_context" in overrides:
+            overrides["limits"] = Limits(max_context=overrides.pop("max_context"))
         cfg.update(overrides)
         gw = BackgroundGateway(GatewayConfig(**cfg))
         started.append(gw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from dexserve.engine.request import Finished, GenerationRequest
+from dexserve.contract.request import Finished, GenerationRequest
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.v1 import dex_pb2_grpc
 

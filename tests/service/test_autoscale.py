@@ -29,11 +29,10 @@ import pytest
 import redis
 
 from dexserve.client import stream_generate
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.queue.embedded import free_port
 from dexserve.queue.protocol import GROUP, QueueNames
 from dexserve.v1 import dex_pb2 as pb
-from dexserve.worker.engines import StandinConfig
 from dexserve.worker.standin import InstantEngine
 
 from .helpers import collect, run_direct
@@ -110,7 +109,7 @@ def up_autoscaling(standin_model: Path, tmp_path: Path):
 
 def expected_tokens(model: Path, prompt: str, n: int) -> list[int]:
     """What the stand-in engine emits for `prompt`, run directly (no service)."""
-    engine = InstantEngine.load(str(model), StandinConfig(max_context=512, max_batch=1, max_new_tokens=1024))
+    engine = InstantEngine.load(str(model), max_batch=1)
     return run_direct(engine, GenerationRequest("x", prompt, n, SamplingParams()))[0]
 
 

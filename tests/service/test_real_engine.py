@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from dexserve.client import stream_generate
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.v1 import dex_pb2 as pb
 
 from .helpers import collect, run_direct
@@ -32,7 +32,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def test_streams_equal_direct_engine_output(make_gateway, workers, rclient, tiny_llama):
     cfg = engine_mod.EngineConfig(explorers=2, width=2, max_batch=2, max_context=256)
-    engine = engine_mod.Engine.load(str(tiny_llama), cfg)
+    engine = engine_mod.DexEngine.load(str(tiny_llama), cfg)
     cases = [("def add(a, b):", SamplingParams()), ("import os\n", SamplingParams(temperature=0.9, top_k=50, seed=11))]
     want = [run_direct(engine, GenerationRequest(f"d{i}", p, 12, s)) for i, (p, s) in enumerate(cases)]
     gw = make_gateway(model=str(tiny_llama), max_context=256)
@@ -86,7 +86,7 @@ def test_dead_explorer_fails_the_stream_with_unavailable_and_the_worker_recovers
     assert "explorer" in err.value.details()
     assert worker.poll() is None                       # the worker lives on
     cfg = engine_mod.EngineConfig(explorers=2, width=2, max_batch=2, max_context=256)
-    ids, text, _reason = run_direct(engine_mod.Engine.load(str(tiny_llama), cfg),
+    ids, text, _reason = run_direct(engine_mod.DexEngine.load(str(tiny_llama), cfg),
                                     GenerationRequest("d", "def add(a, b):", 12, SamplingParams()))
     got = collect(stream_generate(gw.address, "def add(a, b):", max_new_tokens=12, request_id=uuid.uuid4().hex,
                                   timeout=120))

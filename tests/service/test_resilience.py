@@ -16,18 +16,17 @@ import pytest
 import redis
 
 from dexserve.client import build_request, stream_generate
-from dexserve.engine.request import GenerationRequest
+from dexserve.contract.request import GenerationRequest
 from dexserve.queue.embedded import EmbeddedRedis
 from dexserve.queue.protocol import GROUP, QueueSettings
 from dexserve.v1 import dex_pb2 as pb
-from dexserve.worker.engines import StandinConfig
 from dexserve.worker.standin import InstantEngine
 
 from .helpers import collect, run_direct, stub, token_events
 
 
 def _direct(model, prompt, n):
-    return run_direct(InstantEngine.load(str(model), StandinConfig()), GenerationRequest("d", prompt, n))
+    return run_direct(InstantEngine.load(str(model)), GenerationRequest("d", prompt, n))
 
 
 def _holder_pid(client, names, timeout=10.0) -> int:

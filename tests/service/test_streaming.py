@@ -14,12 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dexserve.client import build_request, complete, stream_generate
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.server import BackgroundGateway
 from dexserve.queue.protocol import QueueNames
 from dexserve.v1 import dex_pb2 as pb
-from dexserve.worker.engines import StandinConfig
 from dexserve.worker.standin import InstantEngine
 
 from .conftest import TEST_SETTINGS, Workers
@@ -46,7 +45,7 @@ def service(redis_server, standin_model, tmp_path_factory):
 
 
 def _direct(model, prompt, n, temperature=0.0, seed=0, stop=()):
-    engine = InstantEngine.load(str(model), StandinConfig())
+    engine = InstantEngine.load(str(model))
     req = GenerationRequest("direct", prompt, n, SamplingParams(temperature=temperature, seed=seed), tuple(stop))
     return run_direct(engine, req)
 

@@ -100,7 +100,7 @@ def stack(redis_server, tiny_llama, tmp_path_factory):  # noqa: F811 (fixture fr
     qflags = queue_flags(redis_server.url, qnames, TEST_SETTINGS)
     try:
         worker = _spawn(st, logs / "worker.log",
-                        [sys.executable, "-m", "dexserve.worker", "--engine", "dex", "--model", str(tiny_llama),
+                        [sys.executable, "-m", "dexserve.cli", "worker", "--engine", "dex", "--model", str(tiny_llama),
                          *ENGINE_FLAGS, *qflags, "--grace", "5"], {**base, "DEX_METRICS_PORT": str(wport)})
         deadline = time.monotonic() + 180
         while True:                      # /healthz: refused while starting, 503 while loading, then 200

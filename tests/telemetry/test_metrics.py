@@ -8,8 +8,8 @@ import time
 import redis
 from prometheus_client import CollectorRegistry
 
-from dexserve.engine.records import CollapseRecord, CommitRecord, RoundRecord, RowRecord
-from dexserve.engine.request import Finished, FinishReason
+from dexserve.contract.records import CollapseRecord, CommitRecord, RoundRecord, RowRecord
+from dexserve.contract.request import Finished, FinishReason
 from dexserve.queue.protocol import GROUP, REQUEST_FIELD
 from dexserve.telemetry.endpoint import MetricsServer
 from dexserve.telemetry.metrics import QueueCollector, WorkerMetrics, series_names

@@ -7,7 +7,7 @@ from opentelemetry import trace
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.trace import SpanKind
 
-from dexserve.engine.records import CollapseRecord, CommitRecord, RoundRecord
+from dexserve.contract.records import CollapseRecord, CommitRecord, RoundRecord
 from dexserve.telemetry import tracing
 from dexserve.v1 import dex_pb2 as pb
 

@@ -79,7 +79,7 @@ def main() -> None:
     if sp:
         c = sp["config"]
         lines += ["### Explorers on separate devices (2 cores here)", "",
-                  "`python -m dexserve.engine.speedup --compile --repeats 3 --limit 50 --max-new-tokens 64`", "",
+                  "`python worker/benchmarks/speedup.py --compile --repeats 3 --limit 50 --max-new-tokens 64`", "",
                   f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
                   "the runs taking turns", "",
                   "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
@@ -116,8 +116,8 @@ def service_tables() -> list[str]:
     runs = [d for d in (load("service-standin.json"), load("service-dex.json")) if d]
     if runs:
         out += ["### The service", "",
-                "`python -m dexserve.gateway.bench --concurrency 1 10 100 --tokens 64` (a stand-in engine that commits "
-                "instantly: what the gateway and the queue cost) and `python -m dexserve.gateway.bench --engine dex "
+                "`python worker/benchmarks/service_bench.py --concurrency 1 10 100 --tokens 64` (a stand-in engine that commits "
+                "instantly: what the gateway and the queue cost) and `python worker/benchmarks/service_bench.py --engine dex "
                 "--explorers 4 --width 8 --concurrency 1 4 --tokens 64 --max-batch 4` (the real engine, one worker)", "",
                 "| engine | streams | tokens/s (all streams) | commit→client p50 / p99 ms | TTFT p50 / p99 ms | "
                 "tokens/s per stream (p50) |", "|---|---|---|---|---|---|"]
@@ -130,7 +130,7 @@ def service_tables() -> list[str]:
     tr = load("tracing-overhead.json")
     if tr:
         out += ["### Tracing cost", "",
-                "`python -m dexserve.telemetry.bench_overhead --repeats 5 --max-new-tokens 64`: the real engine with the "
+                "`python worker/benchmarks/tracing_overhead.py --repeats 5 --max-new-tokens 64`: the real engine with the "
                 "worker's observer, tracing off vs on (OTLP/gRPC export of a `decode` span with an event per commit and "
                 "per collapse to a local receiver)", "",
                 f"K={tr['explorers']}, W={tr['width']}, {tr['batch']} requests, {tr['repeats']} runs per arm, median: "

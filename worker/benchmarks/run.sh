@@ -33,20 +33,20 @@ fi
 # 3. explorers on 2 devices (2 processes x 1 thread, shared-memory and gloo transports) vs ar,
 #    select:1 and HF LayerSkip, 3 passes taken in turns; projection K=4, 8
 if want 3; then
-"$BIN/python" -m dexserve.engine.speedup --compile --repeats 3 --limit "$N" --max-new-tokens "$T" \
+"$BIN/python" worker/benchmarks/speedup.py --compile --repeats 3 --limit "$N" --max-new-tokens "$T" \
     --out "$OUT/speedup.json"
 fi
 
 # 4. the service: stand-in engine (isolates gateway + queue), then the real engine
 if want 4; then
-"$BIN/python" -m dexserve.gateway.bench --concurrency 1 10 100 --tokens 64 --json > "$OUT/service-standin.json"
-"$BIN/python" -m dexserve.gateway.bench --engine dex --explorers 4 --width 8 --concurrency 1 4 \
+"$BIN/python" worker/benchmarks/service_bench.py --concurrency 1 10 100 --tokens 64 --json > "$OUT/service-standin.json"
+"$BIN/python" worker/benchmarks/service_bench.py --engine dex --explorers 4 --width 8 --concurrency 1 4 \
     --tokens 64 --max-batch 4 --json > "$OUT/service-dex.json"
 fi
 
 # 5. tracing overhead on the shipped model
 if want 5; then
-"$BIN/python" -m dexserve.telemetry.bench_overhead --repeats 5 --max-new-tokens 64 --json "$OUT/tracing-overhead.json"
+"$BIN/python" worker/benchmarks/tracing_overhead.py --repeats 5 --max-new-tokens 64 --json "$OUT/tracing-overhead.json"
 fi
 
 # 6. per-depth agreement of the shipped model's readouts with its final token

@@ -1,15 +1,39 @@
-"""`dex gateway`: the gRPC gateway (flags in dexserve.gateway.config)."""
+"""`dex gateway`: the gRPC gateway. Flags and environment → `GatewayConfig`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
-from dexserve.gateway.config import add_arguments, config_from_args
+from dexserve.commands.options import add_limit_arguments, add_queue_arguments, limits_from_args, queue_from_args
+from dexserve.gateway.config import GatewayConfig
 
-__all__ = ["add_arguments", "run"]
+HELP = "Run the gRPC gateway."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("DEX_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("DEX_PORT", 50051)))
+    parser.add_argument("--model", default=env("DEX_MODEL_DIR") or None,
+                        help="checkpoint directory (env DEX_MODEL_DIR; default: the shipped model)")
+    parser.add_argument("--auth-token", default=env("DEX_AUTH_TOKEN") or None,
+                        help="require `authorization: Bearer TOKEN` (env DEX_AUTH_TOKEN)")
+    parser.add_argument("--tls-cert", default=env("DEX_TLS_CERT") or None, help="PEM certificate chain")
+    parser.add_argument("--tls-key", default=env("DEX_TLS_KEY") or None, help="PEM private key")
+    parser.add_argument("--log-level", default=env("DEX_LOG_LEVEL", "INFO"))
+    add_limit_arguments(parser)
+    add_queue_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    names, settings = queue_from_args(args)
+    return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, model=args.model,
+                         limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, names=names, settings=settings)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.validation import Limits
+from dexserve.contract.model_card import ModelCard
+from dexserve.contract.validation import Limits
 from dexserve.gateway.auth import BearerAuth
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.observer import GatewayObserver
@@ -35,13 +35,14 @@ HEALTH_PERIOD_S = 5.0
 
 def load_served(config: GatewayConfig) -> Served:
     """The model card and a prompt-token counter from its own tokenizer,
-    encoding as `Engine.encode` does (no special tokens added), so the
+    encoding as the engine does (no special tokens added), so the
     context check counts exactly what the engine will; the limits are the
     ones the engine builds from the same max_context / max_new_tokens."""
     card = ModelCard.load(config.model)
-    tokenizer = card.tokenizer()
-    return Served(card=card, limits=Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens),
-                  count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    tokenizer = card.prompt_tokenizer()
+    if tokenizer is None:
+        log.warning("%s has no tokenizer.json: prompts are checked against the context only by the workers", card.path)
+    return Served(card=card, limits=config.limits, count_tokens=tokenizer.count if tokenizer else None)
 
 
 def _handlers(servicer: DexServicer) -> grpc.GenericRpcHandler:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.request import InvalidRequest
-from dexserve.engine.validation import Limits, validate_request
+from dexserve.contract.model_card import ModelCard
+from dexserve.contract.request import InvalidRequest
+from dexserve.contract.validation import Limits, validate_request
 from dexserve.gateway.observer import GatewayObserver
 from dexserve.gateway.wire import BadRequest
 from dexserve.queue.codec import to_generation_request, with_defaults
+from dexserve.queue.protocol import STATUS_BY_VALUE
 from dexserve.queue.producer import TRANSIENT, IdConflict, QueueFull, RequestQueue, Submitted
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.v1 import dex_pb2_grpc
@@ -31,7 +32,6 @@ from dexserve.v1 import dex_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
-_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Served:
 
     card: ModelCard
     limits: Limits
-    count_tokens: Callable[[str], int]
+    count_tokens: Callable[[str], int] | None   # None: the workers check the context
 
     def matches(self, name: str) -> bool:
         return name in ("", self.card.name, str(self.card.path))
@@ -92,8 +92,9 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
         greq = to_generation_request(proto)
         try:
             validate_request(greq, self.served.limits, None)      # cheap checks before tokenizing
-            n = await asyncio.to_thread(self.served.count_tokens, greq.prompt)
-            validate_request(greq, self.served.limits, n)
+            if self.served.count_tokens is not None:
+                n = await asyncio.to_thread(self.served.count_tokens, greq.prompt)
+                validate_request(greq, self.served.limits, n)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
         qreq = pb.QueuedRequest(request_id=rid, request=proto, enqueued_unix_ms=int(time.time() * 1000))
@@ -121,7 +122,7 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
             async for _entry_id, event in self.queue.events(rid):
                 if event.HasField("error"):
                     finished = True
-                    code = _STATUS_BY_VALUE.get(event.error.code, grpc.StatusCode.UNKNOWN)
+                    code = STATUS_BY_VALUE.get(event.error.code, grpc.StatusCode.UNKNOWN)
                     self.observer.on_finish(rid, code.name, next_index)
                     await context.abort(code, event.error.message)
                 chunk = pb.GenerateChunk(request_id=rid, position=next_index,

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 
-from dexserve.engine.request import FinishReason, Finished, GenerationRequest, SamplingParams, TokenEvent
+from dexserve.contract.limits import DEFAULT_LIMITS
+from dexserve.contract.request import FinishReason, Finished, GenerationRequest, SamplingParams, TokenEvent
 from dexserve.v1 import dex_pb2 as pb
-
-DEFAULT_MAX_NEW_TOKENS = 64
 
 _TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -45,7 +44,7 @@ def with_defaults(req: pb.GenerateRequest, request_id: str, model: str) -> pb.Ge
     out.request_id = request_id
     out.model = model
     if not out.HasField("max_new_tokens"):
-        out.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        out.max_new_tokens = DEFAULT_LIMITS.default_new_tokens
     if not out.HasField("top_p"):
         out.top_p = 1.0
     return out
@@ -55,7 +54,7 @@ def to_generation_request(req: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         request_id=req.request_id,
         prompt=req.prompt,
-        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else DEFAULT_LIMITS.default_new_tokens,
         sampling=SamplingParams(
             temperature=req.temperature,
             top_k=req.top_k,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 from redis.exceptions import ResponseError
 
-from dexserve.queue.protocol import EVENT_FIELD, GROUP, REQUEST_FIELD, QueueNames, QueueSettings
+from dexserve.queue.protocol import EVENT_FIELD, GROUP, ErrorCode, REQUEST_FIELD, QueueNames, QueueSettings
 from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class WorkerQueue:
                                            b"reason": message.encode()},
                   maxlen=self.settings.dead_maxlen, approximate=True)
         error = pb.StreamEvent(attempt=attempt, commit_unix_nanos=time.time_ns(),
-                               error=pb.ErrorMessage(code=10, message=message))  # 10 = ABORTED
+                               error=pb.ErrorMessage(code=ErrorCode.ABORTED, message=message))
         pipe.xadd(self.names.tokens(rid), _stream_event(error))
         pipe.expire(self.names.tokens(rid), self.settings.token_ttl_s)
         pipe.xack(self.names.requests, GROUP, entry.entry_id)
@@ -184,7 +184,7 @@ class WorkerQueue:
         pipe.delete(self.names.attempts(rid))
         pipe.execute()
 
-    def fail(self, entry: Entry, code: int, message: str) -> None:
+    def fail(self, entry: Entry, code: ErrorCode, message: str) -> None:
         """Finish a request with an error its client sees (e.g. the engine
         rejected it): publish, then acknowledge."""
         rid = entry.request_id

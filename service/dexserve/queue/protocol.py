@@ -17,11 +17,36 @@ XADD MAXLEN); nothing reads XINFO's `lag` (7.0+).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+import grpc
 
 GROUP = "dex-workers"
 REQUEST_FIELD = b"m"
 EVENT_FIELD = b"e"
+
+
+class ErrorCode(enum.IntEnum):
+    """The status codes a worker puts in a stream's error event: gRPC's own
+    numbers (`grpc.StatusCode`), so the gateway forwards them unchanged."""
+
+    INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]   # the engine refused the request
+    ABORTED = grpc.StatusCode.ABORTED.value[0]                     # dead-lettered after max_attempts
+    UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]             # the engine failed while decoding it
+
+
+STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def consumer_name(host: str, pid: int) -> str:
+    """A worker's consumer name in the group: `<host>-<pid>` (unique per live
+    process; `dex up` finds its own workers by the host prefix)."""
+    return f"{host}-{pid}"
+
+
+def consumer_host_prefix(host: str) -> str:
+    return consumer_name(host, 0)[:-1]
 
 
 @dataclass(frozen=True)

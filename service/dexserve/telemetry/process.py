@@ -11,6 +11,8 @@ import logging
 
 from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics
 
+from dexserve.contract.engine import Engine
+from dexserve.queue.protocol import QueueNames
 from dexserve.telemetry import tracing
 from dexserve.telemetry.endpoint import GATEWAY_METRICS_PORT, WORKER_METRICS_PORT, MetricsServer, metrics_port
 
@@ -55,10 +57,10 @@ class WorkerProcessTelemetry(ProcessTelemetry):
         super().__init__(tracing.WORKER_SERVICE, WORKER_METRICS_PORT, registry)
         self.metrics = WorkerMetrics(registry)
 
-    def observer(self, engine, names):
+    def observer(self, engine: Engine, names: QueueNames):
         from dexserve.telemetry.worker_observer import WorkerTelemetry
 
-        obs = WorkerTelemetry.for_engine(engine, self.tracer, self.metrics, names)
+        obs = WorkerTelemetry.for_engine(engine.info, self.tracer, self.metrics, names)
         self._observers.append(obs)
         return obs
 

@@ -30,7 +30,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
-from dexserve.engine.records import FALLBACK, RoundRecord
+from dexserve.contract.records import FALLBACK, RoundRecord
 
 log = logging.getLogger(__name__)
 

@@ -14,21 +14,20 @@ import threading
 import time
 from dataclasses import dataclass
 
-import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from dexserve.engine.records import FALLBACK, RoundRecord
-from dexserve.engine.request import Finished, TokenEvent
-from dexserve.queue.protocol import GROUP, QueueNames
+from dexserve.contract.engine import EngineInfo
+from dexserve.contract.records import FALLBACK, RoundRecord
+from dexserve.contract.request import Finished, TokenEvent
+from dexserve.queue.protocol import GROUP, STATUS_BY_VALUE, QueueNames
 from dexserve.telemetry import tracing as t
 from dexserve.telemetry.metrics import WorkerMetrics
 from dexserve.v1 import dex_pb2 as pb
-from dexserve.worker.observer import WorkerObserver
+from dexserve.contract.observer import WorkerObserver
 
 log = logging.getLogger(__name__)
 
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass
@@ -56,16 +55,10 @@ class WorkerTelemetry(WorkerObserver):
             metrics.slots.set(slots)
 
     @classmethod
-    def for_engine(cls, engine, tracer: Tracer | None, metrics: WorkerMetrics | None,
+    def for_engine(cls, info: EngineInfo, tracer: Tracer | None, metrics: WorkerMetrics | None,
                    names: QueueNames | None) -> "WorkerTelemetry":
-        """Read model name, K, mode and lattice size off the engine (the stand-in has fewer)."""
-        config = getattr(engine, "config", None)
-        card = getattr(engine, "card", None)
-        spec = getattr(getattr(engine, "executor", None), "spec", None)
-        slots = spec.buffers.lattice_slots if spec is not None else 0
-        return cls(tracer, metrics, names, model=getattr(card, "name", "") or "",
-                   explorers=int(getattr(config, "explorers", 0) or 0), mode=str(getattr(config, "mode", "") or ""),
-                   slots=slots)
+        return cls(tracer, metrics, names, model=info.model, explorers=info.explorers, mode=info.mode,
+                   slots=info.lattice_slots)
 
     # ---- hooks -------------------------------------------------------------
     def on_request_start(self, request: pb.QueuedRequest, attempt: int) -> None:
@@ -139,7 +132,7 @@ class WorkerTelemetry(WorkerObserver):
                 m.rpt.observe((self._rounds - run.rounds_before) / finished.completion_tokens)
 
     def on_request_failed(self, request_id: str, code: int, message: str) -> None:
-        name = _CODE_NAMES.get(code, str(code))
+        name = STATUS_BY_VALUE[code].name if code in STATUS_BY_VALUE else str(code)
         if self.metrics is not None:
             self.metrics.errors.labels(name).inc()
         self._end(request_id, None, error=f"{name}: {message}")

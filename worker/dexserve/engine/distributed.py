@@ -37,8 +37,8 @@ import torch.multiprocessing as mp
 from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, StepRunner, plan_samples, warm_up
 from dexserve.engine.lattice import Plan, Readout
 from dexserve.engine.model import load_weights, rotary_tables
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.request import SamplingParams
+from dexserve.contract.model_card import ModelCard
+from dexserve.contract.request import SamplingParams
 from dexserve.engine.step import ExplorerStep, StepInputs
 from dexserve.engine.transport import (TIMEOUT, CollectiveTransport, SharedMemoryTransport, SharedRound, Transport,
                                        TransportKind, parent_watch)
@@ -406,7 +406,7 @@ class DistributedExecutor:
 
 def main(argv: list[str] | None = None) -> None:
     """torchrun entry for ranks > 0 (rank 0 is the worker with --executor distributed)."""
-    from dexserve.engine.engine import Engine, EngineConfig
+    from dexserve.engine.engine import DexEngine, EngineConfig
 
     p = argparse.ArgumentParser(description="a DEX explorer rank under torchrun")
     p.add_argument("--model", default=None)
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     card = ModelCard.load(args.model)
     cfg = EngineConfig(explorers=args.explorers, width=args.width, max_context=args.max_context,
                        max_batch=args.max_batch, device=args.device)
-    spec = Engine.executor_spec(card, cfg)
+    spec = DexEngine.executor_spec(card, cfg)
     rank = int(os.environ["RANK"])
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)

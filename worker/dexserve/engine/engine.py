@@ -15,68 +15,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
+from dexserve.engine.config import EngineConfig, parse_mode
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
-from dexserve.engine.model_card import ModelCard, ModelLoadError
-from dexserve.engine.request import (EngineFailure, FinishReason, Finished, GenerationRequest, InvalidRequest,
-                                     StepResult, TokenEvent)
+from dexserve.contract.engine import EngineInfo
+from dexserve.contract.model_card import ModelCard, ModelLoadError
+from dexserve.contract.request import (EngineFailure, FinishReason, Finished, GenerationRequest, InvalidRequest,
+                                     StepResult, TokenEvent, finish_reason)
 from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec
-from dexserve.engine.text import TextStream
-from dexserve.engine.validation import Limits, validate_request
-
-ExecutorKind = Literal["reference", "distributed"]
-
-
-def parse_mode(mode: str, explorers: int) -> frozenset[int]:
-    """`dex` spawns at every boundary, `ar` nowhere, `select:J` only at boundary J."""
-    if mode == "dex":
-        return frozenset(range(1, explorers))
-    if mode == "ar":
-        return frozenset()
-    if mode.startswith("select:"):
-        try:
-            j = int(mode.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"mode {mode!r}: select:J needs an integer boundary J") from None
-        if not 1 <= j < explorers:
-            raise ValueError(f"mode {mode!r}: J must be a boundary in 1..{explorers - 1} for K={explorers}")
-        return frozenset({j})
-    raise ValueError(f"unknown mode {mode!r} (use dex, ar or select:J)")
-
-
-@dataclass
-class EngineConfig:
-    explorers: int = 4
-    width: int | tuple[int, ...] = 8      # rows per explorer per round (one value, or one per explorer)
-    mode: str = "dex"
-    decs: bool = True
-    policy: Policy = "priority"
-    max_context: int = 512
-    max_batch: int = 4                    # requests in flight
-    slots: int | None = None              # lattice slots; default K*W + max_batch
-    prefill_chunk: int = 32
-    max_new_tokens: int = 1024            # the largest max_new_tokens a request may ask for
-    executor: ExecutorKind = "reference"
-    transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
-    device: str = "cpu"
-    dtype: str = "float32"
-    compile: bool = False
-    cuda_graphs: bool = True
-
-    def widths(self) -> tuple[int, ...]:
-        w = (self.width,) * self.explorers if isinstance(self.width, int) else tuple(self.width)
-        if len(w) != self.explorers:
-            raise ValueError(f"width: give one value or {self.explorers} (one per explorer), got {len(w)}")
-        if min(w) < 1:
-            raise ValueError(f"width must be >= 1, got {self.width}")
-        return w
-
+from dexserve.engine.tokenizer import load_tokenizer
+from dexserve.contract.text import TextStream
+from dexserve.contract.validation import validate_request
 
 @dataclass
 class _Active:
@@ -87,13 +42,13 @@ class _Active:
     generated: list[int] = field(default_factory=list)
 
 
-class Engine:
+class DexEngine:
     def __init__(self, card: ModelCard, config: EngineConfig, executor: Executor, tokenizer) -> None:
         self.card = card
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
-        self.limits = Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens)
+        self.limits = config.limits
         self._active: dict[str, _Active] = {}
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
         self.reconfigure(config.mode, config.decs, config.policy)
@@ -114,8 +69,10 @@ class Engine:
 
     # ---- construction ----------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "Engine":
+    def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
         config = config or EngineConfig()
+        if config.threads:
+            torch.set_num_threads(config.threads)   # this process's intra-op threads (explorer processes get theirs)
         card = ModelCard.load(model_dir)
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
@@ -126,10 +83,10 @@ class Engine:
         elif config.executor == "distributed":
             from dexserve.engine.distributed import DistributedExecutor
 
-            executor = DistributedExecutor(card, spec, transport=config.transport)
+            executor = DistributedExecutor(card, spec, threads=config.threads, transport=config.transport)
         else:
             raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
-        return cls(card, config, executor, card.tokenizer())
+        return cls(card, config, executor, load_tokenizer(card))
 
     @staticmethod
     def executor_spec(card: ModelCard, config: EngineConfig) -> ExecutorSpec:
@@ -219,15 +176,9 @@ class Engine:
             eos = c.token in self.card.eos_token_ids and not act.req.ignore_eos
             delta, stopped = act.text.push(c.token, final=eos)
             result.tokens.append(TokenEvent(c.request_id, len(act.generated) - 1, c.token, delta))
-            reason = None
-            if stopped:
-                reason = FinishReason.STOP
-            elif eos:
-                reason = FinishReason.EOS
-            elif len(act.generated) >= act.req.max_new_tokens:
-                reason = FinishReason.LENGTH
-            elif act.prompt_len + len(act.generated) >= self.config.max_context:
-                reason = FinishReason.CONTEXT
+            reason = finish_reason(stopped=stopped, eos=eos, generated=len(act.generated),
+                                   max_new_tokens=act.req.max_new_tokens, prompt_tokens=act.prompt_len,
+                                   max_context=self.config.max_context)
             if reason is not None:
                 result.finished.append(self._finish(act, reason))
         return result
@@ -266,6 +217,11 @@ class Engine:
                 if fin.request_id == req.request_id:
                     yield fin
                     return
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(model=self.card.name, engine="dex", explorers=self.executor.spec.explorers,
+                          mode=self.config.mode, lattice_slots=self.executor.spec.buffers.lattice_slots)
 
     def close(self) -> None:
         self.executor.close()

@@ -20,8 +20,8 @@ import torch
 
 from dexserve.engine.lattice import Plan, PlanRow, Readout
 from dexserve.engine.model import load_weights, rotary_tables
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.request import SamplingParams
+from dexserve.contract.model_card import ModelCard
+from dexserve.contract.request import SamplingParams
 from dexserve.engine.step import BufferSpec, ExplorerStep, StepInputs, span_buckets, span_for
 
 

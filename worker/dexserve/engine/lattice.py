@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from dexserve.engine.records import (FALLBACK, CollapseRecord, CommitRecord, RoundRecord, RowRecord,
+from dexserve.contract.records import (FALLBACK, CollapseRecord, CommitRecord, RoundRecord, RowRecord,
                                      SpawnRecord)
 
 Policy = Literal["priority", "oldest"]

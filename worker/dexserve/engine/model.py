@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dexserve.engine.model_card import ModelCard, ModelLoadError
+from dexserve.contract.model_card import ModelCard, ModelLoadError
 
 ADAPTER_FILE = "dex_adapters.safetensors"
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from dexserve.engine.records import FALLBACK, RoundRecord
+from dexserve.contract.records import FALLBACK, RoundRecord
 from dexserve.engine.stats import CommitTally
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dexserve.engine.records import FALLBACK, RoundRecord
+from dexserve.contract.records import FALLBACK, RoundRecord
 
 
 def rounds_per_token(rounds: int, commits: int) -> float | None:

@@ -16,16 +16,16 @@ import json
 
 import torch
 
-from dexserve.engine.bench import add_prompt_arguments, prompts_from_args
-from dexserve.engine.engine import Engine, EngineConfig
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.request import GenerationRequest
+from dexserve.engine.measure import add_prompt_arguments, prompts_from_args
+from dexserve.engine.engine import DexEngine, EngineConfig
+from dexserve.contract.model_card import ModelCard
+from dexserve.contract.request import GenerationRequest
 
 
 def agreement(model: str | None, prompts: list[str], max_new_tokens: int) -> dict:
     card = ModelCard.load(model)
     L = card.num_layers
-    eng = Engine.load(model, EngineConfig(explorers=L, width=1, mode="ar", max_batch=1, max_context=512))
+    eng = DexEngine.load(model, EngineConfig(explorers=L, width=1, mode="ar", max_batch=1, max_context=512))
     hits = [0] * (L + 1)
     total = 0
     for i, prompt in enumerate(prompts):

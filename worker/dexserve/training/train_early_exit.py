@@ -7,7 +7,7 @@ next token and DEX has something to explore. The result is a plain Hugging
 Face checkpoint (config.json, model.safetensors, tokenizer) that
 `AutoModelForCausalLM` / `AutoTokenizer` load offline.
 
-    python -m dexserve.training.train_early_exit --out worker/dexserve/models/dexcode-6m --minutes 35
+    python -m dexserve.training.train_early_exit --out service/dexserve/models/dexcode-6m --minutes 35
 
 The learning-rate schedule runs on progress = max(step/steps, time/minutes), so
 a time-boxed run still decays fully; the log records the steps reached, and

@@ -15,16 +15,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dexserve.engine.request import EngineFailure, Finished, FinishReason, InvalidRequest
+from dexserve.contract.engine import Engine
+from dexserve.contract.observer import WorkerObserver
+from dexserve.contract.request import EngineFailure, Finished, FinishReason, InvalidRequest
 from dexserve.queue.codec import finish_message, to_generation_request, token_messages
 from dexserve.queue.consumer import Entry, WorkerQueue
+from dexserve.queue.protocol import ErrorCode
 from dexserve.v1 import dex_pb2 as pb
-from dexserve.worker.observer import WorkerObserver
 
 log = logging.getLogger(__name__)
 
-INVALID_ARGUMENT = 3
-UNAVAILABLE = 14
 IDLE_BLOCK_MS = 200
 
 
@@ -55,7 +55,7 @@ class Held:
 
 
 class Worker:
-    def __init__(self, engine, queue: WorkerQueue, observer: WorkerObserver | None = None,
+    def __init__(self, engine: Engine, queue: WorkerQueue, observer: WorkerObserver | None = None,
                  pod_guard=None, grace_s: float = 30.0) -> None:
         self.engine = engine
         self.queue = queue
@@ -128,7 +128,7 @@ class Worker:
             msg = f"request {rid} dead-lettered after {attempt - 1} failed attempts"
             log.warning(msg)
             self.queue.dead_letter(entry, attempt - 1, msg)
-            self.observer.on_request_failed(rid, 10, msg)
+            self.observer.on_request_failed(rid, ErrorCode.ABORTED, msg)
             return
         req = entry.request
         expired = req.deadline_unix_ms and req.deadline_unix_ms < time.time() * 1000
@@ -138,7 +138,7 @@ class Worker:
         try:
             self.engine.add(to_generation_request(req.request))
         except InvalidRequest as exc:
-            self.queue.fail(entry, INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
+            self.queue.fail(entry, ErrorCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
             self.observer.on_request_failed(rid, INVALID_ARGUMENT, str(exc))
             return
         except Exception:
@@ -202,7 +202,7 @@ class Worker:
             held = self.held.get(rid)
             if held is None:
                 continue
-            self.queue.fail(held.entry, UNAVAILABLE, str(exc))
+            self.queue.fail(held.entry, ErrorCode.UNAVAILABLE, str(exc))
             self.observer.on_request_failed(rid, UNAVAILABLE, str(exc))
             self._release(rid, Finished(rid, FinishReason.CANCELLED, 0, 0))
 

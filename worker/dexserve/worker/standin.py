@@ -1,4 +1,4 @@
-"""`InstantEngine`: the Engine interface with no model behind it.
+"""`InstantEngine`: the `Engine` interface (dexserve.contract.engine) with no model behind it.
 
 It commits one deterministic token per request per step (optionally after a
 sleep), so service tests and the service benchmark measure the queue and the
@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dexserve.engine.model_card import ModelCard
-from dexserve.engine.request import Finished, FinishReason, GenerationRequest, StepResult, TokenEvent
-from dexserve.engine.validation import Limits, validate_request
+from dexserve.contract.model_card import ModelCard, ModelLoadError
+from dexserve.contract.request import Finished, FinishReason, GenerationRequest, StepResult, TokenEvent, finish_reason
+from dexserve.contract.engine import EngineInfo
+from dexserve.contract.limits import DEFAULT_LIMITS, Limits
+from dexserve.contract.validation import validate_request
 
 
 @dataclass
@@ -28,32 +30,30 @@ class _Active:
     text: str = ""
 
 
-class _FastTokenizer:
-    """The checkpoint's tokenizer.json through `tokenizers` (no transformers import)."""
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(str(path))
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-
 class InstantEngine:
-    def __init__(self, card: ModelCard, config, step_delay_s: float = 0.0, poison: str | None = None) -> None:
+    def __init__(self, card: ModelCard, limits: Limits = DEFAULT_LIMITS, max_batch: int = 4, step_delay_s: float = 0.0,
+                 poison: str | None = None) -> None:
         self.card = card
-        self.config = config
-        self.tokenizer = _FastTokenizer(card.path / "tokenizer.json")
-        self.limits = Limits(max_context=config.max_context, max_new_tokens=config.max_new_tokens)
+        self.max_batch = max_batch
+        self.tokenizer = card.prompt_tokenizer()
+        if self.tokenizer is None:
+            raise ModelLoadError(f"{card.path}: the stand-in engine needs a tokenizer.json")
+        self.limits = limits
         self.step_delay_s = step_delay_s
         self.poison = poison
         self._active: dict[str, _Active] = {}
         self._round = 0
 
     @classmethod
-    def load(cls, model_dir: str | None, config, **options) -> "InstantEngine":
-        return cls(ModelCard.load(model_dir), config, **options)
+    def load(cls, model_dir: str | None, limits: Limits = DEFAULT_LIMITS, **options) -> "InstantEngine":
+        return cls(ModelCard.load(model_dir), limits, **options)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(model=self.card.name, engine="standin")
+
+    def close(self) -> None:
+        self._active.clear()
 
     @property
     def active(self) -> int:
@@ -66,7 +66,7 @@ class InstantEngine:
         validate_request(req, self.limits, self._prompt_tokens(req))
 
     def has_capacity(self) -> bool:
-        return len(self._active) < self.config.max_batch
+        return len(self._active) < self.max_batch
 
     def add(self, req: GenerationRequest) -> None:
         self.validate(req)
@@ -97,13 +97,9 @@ class InstantEngine:
             out.tokens.append(TokenEvent(rid, st.produced, tok, text))
             st.produced += 1
             st.text += text
-            reason = None
-            if any(s in st.text for s in st.req.stop):
-                reason = FinishReason.STOP
-            elif st.produced >= st.req.max_new_tokens:
-                reason = FinishReason.LENGTH
-            elif st.prompt_tokens + st.produced >= self.limits.max_context:
-                reason = FinishReason.CONTEXT
+            reason = finish_reason(stopped=any(s in st.text for s in st.req.stop), eos=False, generated=st.produced,
+                                   max_new_tokens=st.req.max_new_tokens, prompt_tokens=st.prompt_tokens,
+                                   max_context=self.limits.max_context)
             if reason is not None:
                 del self._active[rid]
                 out.finished.append(Finished(rid, reason, st.prompt_tokens, st.produced))
@@ -116,7 +112,7 @@ def write_standin_model(path: Path, source: str | None = None) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from dexserve.engine.model_card import shipped_model_dir
+    from dexserve.contract.model_card import shipped_model_dir
 
     src = Path(source) if source else shipped_model_dir()
     path.mkdir(parents=True, exist_ok=True)

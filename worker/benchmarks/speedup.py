@@ -1,6 +1,6 @@
 """Measured speed-up of DEX on K devices over autoregressive decoding and LayerSkip.
 
-    python -m dexserve.engine.speedup --limit 50 --max-new-tokens 64 --json
+    python worker/benchmarks/speedup.py --limit 50 --max-new-tokens 64 --json
 
 On this machine the "devices" are CPU cores: DEX with K=2 explorers runs as
 2 processes of 1 thread each (the distributed executor; its shared-memory
@@ -24,18 +24,18 @@ from typing import Callable
 
 import torch
 
-from dexserve.engine.bench import add_prompt_arguments, emit, hf_baseline, prompts_from_args, run_mode
-from dexserve.engine.engine import Engine, EngineConfig
+from dexserve.engine.measure import add_prompt_arguments, emit, hf_baseline, prompts_from_args, run_mode
+from dexserve.engine.engine import DexEngine, EngineConfig
 
 
 def _engine(model: str | None, K: int, W: int, executor: str, compile_: bool, threads: int,
-            transport: str = "auto") -> Engine:
+            transport: str = "auto") -> DexEngine:
     torch.set_num_threads(threads)
-    return Engine.load(model, EngineConfig(explorers=K, width=W, max_batch=1, executor=executor, compile=compile_,
+    return DexEngine.load(model, EngineConfig(explorers=K, width=W, max_batch=1, executor=executor, compile=compile_,
                                            max_context=512, transport=transport))
 
 
-def measure(eng: Engine, mode: str, prompts: list[str], new: int, local_step: bool = False) -> dict:
+def measure(eng: DexEngine, mode: str, prompts: list[str], new: int, local_step: bool = False) -> dict:
     """One pass over the prompts. `local_step`: also report the coordinator's own
     explorer step time (distributed), to set beside the same step run alone."""
     run_mode(eng, mode, True, prompts[:1], 8)  # warm-up (compilation, first allocations)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     # every contender is built once and the repeats take turns, so a slow spell of a
     # shared machine lands on all of them; the report is each one's median repeat
     contenders: dict[str, Callable[[], dict]] = {}
-    engines: list[Engine] = []
+    engines: list[DexEngine] = []
     ar = _engine(args.model, 1, 1, "reference", args.compile, 1)
     engines.append(ar)
     # every contender sets its own thread count (the previous one may have left another)

@@ -27,15 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from dexserve.queue.config import add_queue_arguments, queue_flags, queue_from_args
-from dexserve.worker.config import engine_flags
+from dexserve.commands.options import add_queue_arguments, limit_flags, queue_flags, queue_from_args
+from dexserve.launch.worker import engine_flags
 
 SCALE_PERIOD_S = 2.0          # default --scale-interval
 SCALE_DOWN_AFTER_S = 30.0     # default --scale-down-after
 
 
+HELP = "Start Redis, the gateway and N workers on this machine."
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dexserve.worker.config import add_engine_arguments
+    from dexserve.launch.worker import add_engine_arguments
 
     parser.add_argument("--host", default=os.environ.get("DEX_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEX_PORT", 50051)))
@@ -74,8 +77,7 @@ class Stack:
             args.redis_url = self.redis.url
             print(f"redis     {self.redis.url} (pid {self.redis.proc.pid}, data {data})", flush=True)
         gw_cmd = [sys.executable, "-m", "dexserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
-                  "--max-context", str(args.max_context), "--max-new-tokens-limit", str(args.max_new_tokens_limit),
-                  *queue_flags(args)]
+                  *limit_flags(args), *queue_flags(args)]
         if args.model:
             gw_cmd += ["--model", args.model]
         env = dict(os.environ)
@@ -135,9 +137,9 @@ class Stack:
     @staticmethod
     def _busy_pids(client, names) -> set[int]:
         """PIDs of workers holding entries (consumer name is host-pid, the worker's default)."""
-        from dexserve.queue.protocol import GROUP
+        from dexserve.queue.protocol import GROUP, consumer_host_prefix
 
-        prefix = f"{socket.gethostname()}-"
+        prefix = consumer_host_prefix(socket.gethostname())
         try:
             consumers = client.xpending(names.requests, GROUP).get("consumers") or []
         except Exception:

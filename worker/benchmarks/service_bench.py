@@ -1,4 +1,4 @@
-"""Service benchmark: `python -m dexserve.gateway.bench [--concurrency 1 10 100] [--json]`.
+"""Service benchmark: `python worker/benchmarks/service_bench.py [--concurrency 1 10 100] [--json]`.
 
 Isolates the service: workers run the stand-in engine, which commits a token
 per request per round with no model behind it, so what is measured is the
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         model = write_standin_model(tmp / "standin-model")
         engine_flags = ["--engine", "standin", "--model", str(model)]
     else:
-        from dexserve.engine.model_card import resolve_model_dir
+        from dexserve.contract.model_card import resolve_model_dir
 
         model = resolve_model_dir(args.model)
         engine_flags = ["--engine", "dex", "--model", str(model), "--explorers", str(args.explorers),

@@ -9,7 +9,10 @@ import sys
 import time
 import uuid
 
-from dexserve.commands.engine_options import add_engine_arguments, engine_config
+from dexserve.launch.engine_options import add_engine_arguments, engine_config
+
+
+HELP = "Generate text, locally with the engine or from a running service (--server)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
         from dexserve.client import run_generate_cli
 
         return run_generate_cli(args)
-    from dexserve.engine.engine import Engine
-    from dexserve.engine.model_card import ModelLoadError
-    from dexserve.engine.request import Finished, GenerationRequest, InvalidRequest, SamplingParams
+    from dexserve.engine.engine import DexEngine
+    from dexserve.contract.model_card import ModelLoadError
+    from dexserve.contract.request import Finished, GenerationRequest, InvalidRequest, SamplingParams
 
     try:
-        engine = Engine.load(args.model, engine_config(args))
+        engine = DexEngine.load(args.model, engine_config(args))
         req = GenerationRequest(request_id=uuid.uuid4().hex, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                                 sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
                                 stop=tuple(args.stop), ignore_eos=args.ignore_eos)

@@ -1,7 +1,9 @@
-"""Queue flags and environment, shared by `dex gateway`, `dex worker` and `dex up`.
+"""Flags and environment every role of a deployment must agree on: the queue
+and the serving limits, shared by `dex gateway`, `dex worker` and `dex up`.
 
-Every process of one deployment must agree on these, so they are parsed in
-one place. Flags win over environment variables, which win over defaults.
+This is the CLI edge: flags and environment become `QueueNames`,
+`QueueSettings` and `Limits` here and nowhere else. Flags win over
+environment variables, which win over the defaults of those typed objects.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.queue.protocol import QueueNames, QueueSettings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -50,3 +53,21 @@ def queue_flags(args: argparse.Namespace) -> list[str]:
             "--queue-maxlen", str(args.queue_maxlen), "--claim-idle-ms", str(args.claim_idle_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--max-attempts", str(args.max_attempts),
             "--token-ttl", str(args.token_ttl)]
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("serving limits (the gateway and every worker must agree)")
+    g.add_argument("--max-context", type=int, default=_env_int("DEX_MAX_CONTEXT", DEFAULT_LIMITS.max_context),
+                   help="positions per request, prompt + generated (env DEX_MAX_CONTEXT)")
+    g.add_argument("--max-new-tokens-limit", type=int,
+                   default=_env_int("DEX_MAX_NEW_TOKENS", DEFAULT_LIMITS.max_new_tokens),
+                   help="largest max_new_tokens a request may ask for (env DEX_MAX_NEW_TOKENS)")
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(max_context=args.max_context, max_new_tokens=args.max_new_tokens_limit)
+
+
+def limit_flags(args: argparse.Namespace) -> list[str]:
+    """The same limits as flags, for processes `dex up` starts."""
+    return ["--max-context", str(args.max_context), "--max-new-tokens-limit", str(args.max_new_tokens_limit)]

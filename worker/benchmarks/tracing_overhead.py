@@ -1,6 +1,6 @@
 """What tracing costs decoding: the real engine with decode-span events on vs off.
 
-    python -m dexserve.telemetry.bench_overhead --model DIR [--repeats 5] [--json out.json]
+    python worker/benchmarks/tracing_overhead.py --model DIR [--repeats 5] [--json out.json]
 
 Each run decodes the same batch of requests (greedy, EOS ignored, so every
 run does identical work) through `WorkerTelemetry`, the observer the worker
@@ -51,7 +51,7 @@ class Run:
 
 def decode_batch(engine, observer: WorkerTelemetry, n: int, max_new_tokens: int, tag: str) -> Run:
     """One batch through engine + observer, hooks called as the worker loop calls them."""
-    from dexserve.engine.request import GenerationRequest
+    from dexserve.contract.request import GenerationRequest
     from dexserve.v1 import dex_pb2 as pb
 
     obs_s = 0.0
@@ -79,7 +79,7 @@ def decode_batch(engine, observer: WorkerTelemetry, n: int, max_new_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dexserve.telemetry.bench_overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="python worker/benchmarks/tracing_overhead.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint dir (default: the shipped model)")
     p.add_argument("--explorers", type=int, default=4)
@@ -95,18 +95,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dexserve.engine.engine import Engine, EngineConfig
+    from dexserve.engine.engine import DexEngine, EngineConfig
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, EngineConfig(explorers=args.explorers, width=args.width, max_batch=args.batch,
+    engine = DexEngine.load(args.model, EngineConfig(explorers=args.explorers, width=args.width, max_batch=args.batch,
                                                   max_context=args.max_context, max_new_tokens=args.max_new_tokens))
     receiver = OtlpReceiver(keep_raw=False).start()
     provider = tracing.setup_tracing("dexserve-bench", env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint},
                                      set_global=False)
     metrics = WorkerMetrics(CollectorRegistry())
-    arms = {"off": WorkerTelemetry.for_engine(engine, None, metrics, None),
-            "on": WorkerTelemetry.for_engine(engine, tracing.get_tracer(provider), metrics, None)}
+    arms = {"off": WorkerTelemetry.for_engine(engine.info, None, metrics, None),
+            "on": WorkerTelemetry.for_engine(engine.info, tracing.get_tracer(provider), metrics, None)}
 
     decode_batch(engine, arms["on"], args.batch, args.max_new_tokens, "warmup-0")   # caches, allocator, exporter
     runs: list[Run] = []

@@ -8,18 +8,11 @@ a request, since a worker may also be fed by other producers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from dexserve.engine.request import GenerationRequest, InvalidRequest
+from dexserve.contract.limits import Limits
+from dexserve.contract.request import GenerationRequest, InvalidRequest
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_context: int            # prompt tokens + generated tokens
-    max_new_tokens: int = 1024
-    max_stop_strings: int = 8
-    max_stop_chars: int = 64
-    max_prompt_chars: int = 200_000
+__all__ = ["Limits", "validate_request"]
 
 
 def validate_request(req: GenerationRequest, limits: Limits, prompt_tokens: int | None) -> None:

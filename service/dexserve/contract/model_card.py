@@ -22,9 +22,7 @@ class ModelLoadError(RuntimeError):
 
 
 def shipped_model_dir() -> Path:
-    import dexserve.models
-
-    return Path(dexserve.models.__file__).parent / SHIPPED_MODEL
+    return Path(__file__).resolve().parent.parent / "models" / SHIPPED_MODEL
 
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
@@ -75,12 +73,29 @@ class ModelCard:
                    max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                    eos_token_ids=eos_ids, config=config)
 
-    def tokenizer(self):
-        """The checkpoint's own tokenizer, offline."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
+    def prompt_tokenizer(self) -> "PromptTokenizer | None":
+        """The checkpoint's `tokenizer.json` through `tokenizers` (no transformers,
+        no torch): what the gateway and the stand-in count prompt tokens with.
+        None when the checkpoint has only a SentencePiece `tokenizer.model`; then
+        only the engine, which loads the full tokenizer, can count."""
+        path = self.path / "tokenizer.json"
+        return PromptTokenizer(path) if path.is_file() else None
+
+
+class PromptTokenizer:
+    """Encodes a prompt exactly as the engine does: no special tokens added (the
+    engine's transformers tokenizer wraps the same tokenizer.json)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except Exception as exc:  # transformers raises many types here
-            raise ModelLoadError(f"{self.path}: tokenizer failed to load: {exc}") from exc
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own exception types
+            raise ModelLoadError(f"{path}: tokenizer failed to load: {exc}") from exc
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))

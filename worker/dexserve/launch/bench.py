@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dexserve.commands.engine_options import add_engine_arguments, engine_config
+from dexserve.launch.engine_options import add_engine_arguments, engine_config
+
+
+HELP = "Compare ar, every select:J, dex and the EAD oracle on the same prompts."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dexserve.engine.bench import add_prompt_arguments
+    from dexserve.engine.measure import add_prompt_arguments
 
     add_engine_arguments(p, modes=False)
     add_prompt_arguments(p, limit=None, model=False)
@@ -26,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dexserve.engine.bench import emit, hf_baseline, matmul_floor, prompts_from_args, run_mode
-    from dexserve.engine.engine import Engine
+    from dexserve.engine.measure import emit, hf_baseline, matmul_floor, prompts_from_args, run_mode
+    from dexserve.engine.engine import DexEngine
 
     card, prompts = prompts_from_args(args)
     cfg = engine_config(args, mode="ar")
     cfg.max_batch = 1
-    engine = Engine.load(args.model, cfg)
+    engine = DexEngine.load(args.model, cfg)
     K = args.explorers
     modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]
     if args.modes:

@@ -7,8 +7,8 @@ records are the single source), so adding telemetry never touches the loop.
 
 from __future__ import annotations
 
-from dexserve.engine.records import RoundRecord
-from dexserve.engine.request import Finished, TokenEvent
+from dexserve.contract.records import RoundRecord
+from dexserve.contract.request import Finished, TokenEvent
 from dexserve.v1 import dex_pb2 as pb
 
 

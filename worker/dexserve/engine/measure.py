@@ -13,14 +13,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from dexserve.engine.engine import Engine
-from dexserve.engine.model_card import ModelCard
+from dexserve.contract.model_card import ModelCard
 from dexserve.engine.oracle import OracleResult, ead_oracle
-from dexserve.engine.records import RoundRecord
-from dexserve.engine.request import GenerationRequest, SamplingParams
+from dexserve.contract.records import RoundRecord
+from dexserve.contract.request import GenerationRequest, SamplingParams
 from dexserve.engine.stats import RunStats
+
+if TYPE_CHECKING:
+    from dexserve.engine.engine import DexEngine
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser, limit: int | None = 50, model: bool = True) -> None:
@@ -74,7 +76,7 @@ class ModeResult:
         }
 
 
-def run_mode(engine: Engine, mode: str, decs: bool, prompts: list[str], max_new_tokens: int,
+def run_mode(engine: DexEngine, mode: str, decs: bool, prompts: list[str], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), with_oracle: bool = False) -> ModeResult:
     engine.reconfigure(mode, decs)
     result = ModeResult(mode=mode, stats=engine.stats)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dexserve.engine.records import RoundRecord
+from dexserve.contract.limits import DEFAULT_LIMITS
+from dexserve.contract.records import RoundRecord
 
 
 class FinishReason(str, Enum):
@@ -19,6 +20,25 @@ class FinishReason(str, Enum):
     STOP = "stop"          # a stop string appeared in the text
     CANCELLED = "cancelled"
     CONTEXT = "context"    # the context window is full
+
+
+def finish_reason(*, stopped: bool, eos: bool, generated: int, max_new_tokens: int, prompt_tokens: int,
+                  max_context: int) -> FinishReason | None:
+    """The one finish decision, after a token commits (every engine calls this).
+
+    Precedence: a stop string in the text, then the end-of-sequence token, then
+    the request's length, then the context window. `eos` is False when the
+    request ignores EOS. None: the request goes on.
+    """
+    if stopped:
+        return FinishReason.STOP
+    if eos:
+        return FinishReason.EOS
+    if generated >= max_new_tokens:
+        return FinishReason.LENGTH
+    if prompt_tokens + generated >= max_context:
+        return FinishReason.CONTEXT
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,7 +60,7 @@ class SamplingParams:
 class GenerationRequest:
     request_id: str
     prompt: str = ""
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_LIMITS.default_new_tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     prompt_ids: tuple[int, ...] | None = None  # when set, used instead of tokenizing `prompt`

@@ -1,12 +1,14 @@
 """Engine flags, one definition for every command that builds an engine
-(`dex generate`, `dex bench`, `dex worker`, `dex up`)."""
+(`dex generate`, `dex bench`, `dex worker`, `dex up`): flags and environment
+become an `EngineConfig` here, at the CLI edge, and nowhere else."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-DEFAULT_MAX_CONTEXT = 512
+from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
+from dexserve.engine.config import EngineConfig
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -23,8 +25,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                    help="turn off depth-coupled sampling (each boundary proposes its own top-1)")
     g.add_argument("--policy", choices=("priority", "oldest"), default="priority",
                    help="which nodes run when capacity binds")
-    g.add_argument("--max-context", type=int, default=int(os.environ.get("DEX_MAX_CONTEXT", DEFAULT_MAX_CONTEXT)),
-                   help="positions per request (prompt + generated)")
     g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)),
                    help="requests decoded together")
     g.add_argument("--executor", choices=("reference", "distributed"), default="reference",
@@ -37,16 +37,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run steps eagerly instead of replaying captured graphs")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    g.add_argument("--max-new-tokens-limit", type=int, default=int(os.environ.get("DEX_MAX_NEW_TOKENS", 1024)),
-                   help="largest max_new_tokens a request may ask for (env DEX_MAX_NEW_TOKENS)")
+    add_limit_arguments(parser)
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
     """The argv that reproduces these engine flags in a child process (`dex up` -> workers)."""
     flags = ["--explorers", str(args.explorers), "--width", str(args.width), "--policy", args.policy,
-             "--max-context", str(args.max_context), "--max-batch", str(args.max_batch),
-             "--executor", args.executor, "--transport", args.transport, "--device", args.device,
-             "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
+             "--max-batch", str(args.max_batch), "--executor", args.executor, "--transport", args.transport,
+             "--device", args.device, *limit_flags(args)]
     if hasattr(args, "mode"):
         flags += ["--mode", args.mode]
     if args.model:
@@ -62,14 +60,9 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def engine_config(args: argparse.Namespace, mode: str | None = None):
-    from dexserve.engine.engine import EngineConfig
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
+    limits = limits_from_args(args)
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
-                        decs=args.decs, policy=args.policy, max_context=args.max_context, max_batch=args.max_batch,
+                        decs=args.decs, policy=args.policy, max_context=limits.max_context, max_batch=args.max_batch,
                         executor=args.executor, transport=args.transport, device=args.device, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs, max_new_tokens=args.max_new_tokens_limit)
+                        cuda_graphs=args.cuda_graphs, max_new_tokens=limits.max_new_tokens, threads=args.threads)

@@ -1,0 +1,32 @@
+"""The serving limits: one definition for the gateway and every worker.
+
+Both roles build their `Limits` at the CLI edge from the same flags and
+environment (`DEX_MAX_CONTEXT`, `DEX_MAX_NEW_TOKENS`; see
+`dexserve.commands.options`), so a deployment that sets them once (the Helm
+chart sets both roles from one value) validates the same way at the gateway
+and in the engine. Nothing else in the code base writes these numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_context: int = 512            # positions per request: prompt tokens + generated tokens
+    max_new_tokens: int = 1024        # the largest max_new_tokens a request may ask for
+    default_new_tokens: int = 64      # max_new_tokens of a request that sets none
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_prompt_chars: int = 200_000
+
+    def __post_init__(self) -> None:
+        if self.max_context < 2:
+            raise ValueError(f"max_context must be at least 2, got {self.max_context}")
+        if not 1 <= self.default_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"default_new_tokens must be in 1..max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.default_new_tokens}")
+
+
+DEFAULT_LIMITS = Limits()

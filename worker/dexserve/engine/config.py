@@ -1,0 +1,62 @@
+"""The engine's settings: one typed object (no torch here, so a worker that runs
+the stand-in, and the CLI edge that builds this from flags, never import torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dexserve.contract.limits import DEFAULT_LIMITS, Limits
+from dexserve.engine.lattice import Policy
+
+ExecutorKind = Literal["reference", "distributed"]
+
+
+def parse_mode(mode: str, explorers: int) -> frozenset[int]:
+    """`dex` spawns at every boundary, `ar` nowhere, `select:J` only at boundary J."""
+    if mode == "dex":
+        return frozenset(range(1, explorers))
+    if mode == "ar":
+        return frozenset()
+    if mode.startswith("select:"):
+        try:
+            j = int(mode.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"mode {mode!r}: select:J needs an integer boundary J") from None
+        if not 1 <= j < explorers:
+            raise ValueError(f"mode {mode!r}: J must be a boundary in 1..{explorers - 1} for K={explorers}")
+        return frozenset({j})
+    raise ValueError(f"unknown mode {mode!r} (use dex, ar or select:J)")
+
+
+@dataclass
+class EngineConfig:
+    explorers: int = 4
+    width: int | tuple[int, ...] = 8      # rows per explorer per round (one value, or one per explorer)
+    mode: str = "dex"
+    decs: bool = True
+    policy: Policy = "priority"
+    max_context: int = DEFAULT_LIMITS.max_context
+    max_batch: int = 4                    # requests in flight
+    slots: int | None = None              # lattice slots; default K*W + max_batch
+    prefill_chunk: int = 32
+    max_new_tokens: int = DEFAULT_LIMITS.max_new_tokens   # the largest max_new_tokens a request may ask for
+    executor: ExecutorKind = "reference"
+    transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    cuda_graphs: bool = True
+    threads: int | None = None            # intra-op threads of this process (and of each explorer process)
+
+    def widths(self) -> tuple[int, ...]:
+        w = (self.width,) * self.explorers if isinstance(self.width, int) else tuple(self.width)
+        if len(w) != self.explorers:
+            raise ValueError(f"width: give one value or {self.explorers} (one per explorer), got {len(w)}")
+        if min(w) < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        return w
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_context=self.max_context, max_new_tokens=self.max_new_tokens)
