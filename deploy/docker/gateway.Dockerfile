@@ -21,19 +21,18 @@ RUN groupadd --system --gid 10001 dex \
 
 WORKDIR /app
 
-# 1) Dependencies only (cached until pyproject.toml changes). The package pins torch;
-#    the gateway only tokenizes, so take the small CPU wheel before anything pulls CUDA.
-COPY pyproject.toml ./
+# 1) Dependencies only (cached until pyproject.toml changes): the base install,
+#    which has no torch and no transformers (pyproject's `engine` extra is not installed).
+COPY pyproject.toml setup.py ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# 2) Source last: code edits rebuild only these layers.
+# 2) Source last: code edits rebuild only these layers. Only the API and the
+#    service layer: setup.py packages what is present, so no engine code ships here.
 COPY README.md ./
 COPY proto/ proto/
 COPY service/ service/
-COPY worker/ worker/
 RUN pip install --no-deps . \
  && rm -rf /app/build
 COPY deploy/docker/healthcheck.py /usr/local/bin/dex-healthcheck

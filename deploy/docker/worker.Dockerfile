@@ -39,9 +39,10 @@ WORKDIR /app
 
 # 1) Dependencies (cached until pyproject.toml changes): CUDA torch first, pinned, from
 #    the official PyTorch index, so the PyPI requirement torch==2.13.0 is already met.
-COPY pyproject.toml ./
+#    The base install plus the `engine` extra.
+COPY pyproject.toml setup.py ./
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch==2.13.0" \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml','rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['engine']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 

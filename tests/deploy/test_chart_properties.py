@@ -9,9 +9,8 @@ import yaml
 
 from dexserve.kube.pod_guard import BUSY_PATCH, REQUIRED_VERBS
 
-from ._chart import CHART, GPU_KEDA_VALUES, find, helm, kinds, needs_helm, render
+from ._chart import CHART, GPU_KEDA_VALUES, find, helm, kinds, render
 
-pytestmark = needs_helm
 
 PROFILES = {"defaults": (), "gpu-keda": (GPU_KEDA_VALUES,)}
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ._chart import CHART, GPU_KEDA_VALUES, helm, kinds, needs_helm, render, validate_manifest
+from ._chart import CHART, GPU_KEDA_VALUES, helm, kinds, render, validate_manifest
 
-pytestmark = needs_helm
 
 VALUE_SETS = {
     "defaults": (),

@@ -61,6 +61,7 @@ def test_compiled_engine_is_lossless(tiny_dirs):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_is_lossless(tiny_dirs):
     path = str(tiny_dirs["llama"])

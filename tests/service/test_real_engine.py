@@ -15,7 +15,7 @@ from dexserve.v1 import dex_pb2 as pb
 
 from .helpers import collect, run_direct
 
-engine_mod = pytest.importorskip("dexserve.engine.engine", reason="the DEX engine is not in this tree yet")
+import dexserve.engine.engine as engine_mod  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256"]
@@ -24,7 +24,6 @@ ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-c
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random Llama with the shipped tokenizer and no EOS (every request runs to max_new_tokens)."""
-    pytest.importorskip("torch")
     from tiny_models import save_tiny
 
     return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama", eos=False)

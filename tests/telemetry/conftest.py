@@ -51,7 +51,6 @@ def receiver():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random Llama with the shipped tokenizer and no EOS (every request runs to max_new_tokens)."""
-    pytest.importorskip("torch")
     from tiny_models import save_tiny
 
     return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama", eos=False)
