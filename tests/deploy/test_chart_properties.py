@@ -279,3 +279,13 @@ def test_readme_values_table_covers_values_yaml() -> None:
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
     missing = [k for k in _leaf_keys(values) if k not in documented and not any(k.startswith(d + ".") for d in documented)]
     assert not missing, f"README values table lacks: {missing}"
+
+
+@pytest.mark.parametrize("sets, want", [((), ("512", "1024")),
+                                        (("serving.maxContext=2048", "serving.maxNewTokens=300"), ("2048", "300"))])
+def test_gateway_and_workers_get_the_same_serving_limits(sets, want) -> None:
+    """One value, the same DEX_MAX_* environment in both roles (read by dexserve.commands.options)."""
+    docs = render(sets=sets)
+    for suffix in ("-gateway", "-worker"):
+        env = _env(_pod_spec(docs, suffix)["containers"][0])
+        assert (env["DEX_MAX_CONTEXT"]["value"], env["DEX_MAX_NEW_TOKENS"]["value"]) == want, suffix

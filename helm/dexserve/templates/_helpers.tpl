@@ -110,6 +110,16 @@ processes use. Internal mode builds the URL with $(REDIS_PASSWORD) dependent exp
 {{- end }}
 - name: DEX_QUEUE_PREFIX
   value: {{ .Values.queue.prefix | quote }}
+{{- include "dex.limitsEnv" . }}
+{{- end -}}
+
+{{/* Serving limits: one value, the same environment for the gateway and every worker
+     (read by dexserve.commands.options, the one definition of the limits). */}}
+{{- define "dex.limitsEnv" }}
+- name: DEX_MAX_CONTEXT
+  value: {{ .Values.serving.maxContext | quote }}
+- name: DEX_MAX_NEW_TOKENS
+  value: {{ .Values.serving.maxNewTokens | quote }}
 {{- end -}}
 
 {{/* Stream and group the workers read: must match dexserve.queue.protocol (tested). */}}
