@@ -1,7 +1,6 @@
 """The chart ships copies of deploy/grafana/*.json (Helm can't read outside the chart)."""
 from __future__ import annotations
 
-import pytest
 
 from ._chart import CHART, ROOT
 

@@ -51,5 +51,5 @@ fi
 
 # 6. per-depth agreement of the shipped model's readouts with its final token
 if want 6; then
-"$BIN/python" -m dexserve.training.agreement --limit "$N" --max-new-tokens "$T" > "$OUT/agreement.txt"
+"$BIN/python" worker/benchmarks/agreement.py --limit "$N" --max-new-tokens "$T" > "$OUT/agreement.txt"
 fi

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from dexserve.engine.measure import add_prompt_arguments, emit, hf_baseline, prompts_from_args, run_mode
+from dexserve.engine.measure import hf_baseline, run_mode
+from dexserve.launch.report import add_prompt_arguments, emit, prompts_from_args
 from dexserve.engine.engine import DexEngine, EngineConfig
 
 

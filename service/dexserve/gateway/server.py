@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dexserve.contract.model_card import ModelCard
-from dexserve.contract.validation import Limits
 from dexserve.gateway.auth import BearerAuth
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.observer import GatewayObserver

@@ -13,7 +13,7 @@ HELP = "Compare ar, every select:J, dex and the EAD oracle on the same prompts."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dexserve.engine.measure import add_prompt_arguments
+    from dexserve.launch.report import add_prompt_arguments
 
     add_engine_arguments(p, modes=False)
     add_prompt_arguments(p, limit=None, model=False)
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dexserve.engine.measure import emit, hf_baseline, matmul_floor, prompts_from_args, run_mode
+    from dexserve.engine.measure import hf_baseline, matmul_floor, run_mode
+    from dexserve.launch.report import emit, prompts_from_args
     from dexserve.engine.engine import DexEngine
 
     card, prompts = prompts_from_args(args)

@@ -139,7 +139,7 @@ class Worker:
             self.engine.add(to_generation_request(req.request))
         except InvalidRequest as exc:
             self.queue.fail(entry, ErrorCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
-            self.observer.on_request_failed(rid, INVALID_ARGUMENT, str(exc))
+            self.observer.on_request_failed(rid, ErrorCode.INVALID_ARGUMENT, str(exc))
             return
         except Exception:
             # Left pending and not refreshed: claimed again after claim_idle_ms,
@@ -203,7 +203,7 @@ class Worker:
             if held is None:
                 continue
             self.queue.fail(held.entry, ErrorCode.UNAVAILABLE, str(exc))
-            self.observer.on_request_failed(rid, UNAVAILABLE, str(exc))
+            self.observer.on_request_failed(rid, ErrorCode.UNAVAILABLE, str(exc))
             self._release(rid, Finished(rid, FinishReason.CANCELLED, 0, 0))
 
     def _cancel(self, rids: set[str]) -> None:

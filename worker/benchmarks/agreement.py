@@ -1,6 +1,6 @@
 """Per-depth agreement of a model's early readouts with its final token.
 
-    python -m dexserve.training.agreement --limit 50 --max-new-tokens 64
+    python worker/benchmarks/agreement.py --limit 50 --max-new-tokens 64
 
 Decodes held-out prompts greedily in `ar` mode with one explorer per layer
 (K = L), so every layer is a boundary, and folds the round records: for each
@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from dexserve.engine.measure import add_prompt_arguments, prompts_from_args
+from dexserve.launch.report import add_prompt_arguments, prompts_from_args
 from dexserve.engine.engine import DexEngine, EngineConfig
 from dexserve.contract.model_card import ModelCard
 from dexserve.contract.request import GenerationRequest
