@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=env("DEX_TLS_CERT") or None, help="PEM certificate chain")
     parser.add_argument("--tls-key", default=env("DEX_TLS_KEY") or None, help="PEM private key")
     parser.add_argument("--log-level", default=env("DEX_LOG_LEVEL", "INFO"))
+    parser.add_argument("--no-model-card-check", dest="check_model_card", action="store_false",
+                        default=env("DEX_MODEL_CARD_CHECK", "1") not in ("0", "false", "no"),
+                        help="do not compare this gateway's model with the card the workers publish "
+                             "(env DEX_MODEL_CARD_CHECK=0); on by default: a mismatch refuses to start")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
 
@@ -33,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     names, settings = queue_from_args(args)
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, model=args.model,
                          limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
-                         tls_key=args.tls_key, names=names, settings=settings)
+                         tls_key=args.tls_key, names=names, settings=settings,
+                         check_model_card=args.check_model_card)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
     telemetry = start_gateway_telemetry(config)
 
     async def main() -> None:
-        gw = await Gateway.start(config, telemetry.observer)
+        from dexserve.gateway.server import ModelMismatch
+
+        try:
+            gw = await Gateway.start(config, telemetry.observer)
+        except ModelMismatch as exc:
+            logging.getLogger("dexserve.gateway").error("refusing to start: %s", exc)
+            raise SystemExit(3) from exc
         telemetry.set_ready()
         print(f"dex gateway listening on {config.host}:{gw.port}", flush=True)
         stop = asyncio.Event()

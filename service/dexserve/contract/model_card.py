@@ -12,6 +12,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dexserve.contract.limits import Limits
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 SHIPPED_MODEL = "dexcode-6m"
@@ -99,3 +103,41 @@ class PromptTokenizer:
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
+
+
+# --- The release's model card in Redis --------------------------------------------------------
+# Every worker publishes `card_summary(...)` at start (key `QueueNames.model_card`); the gateway
+# computes the same summary from its own checkpoint and limits and compares fingerprints, so a
+# gateway never validates or counts tokens for a model the workers do not serve.
+
+CARD_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "generation_config.json")
+
+
+def card_summary(card: ModelCard, limits: "Limits") -> dict:
+    """What gateway and workers must agree on: the checkpoint's identity (name, architecture,
+    a hash of its config and tokenizer files) and the serving limits. Weights are not hashed
+    (gigabytes); a checkpoint whose config and tokenizer match is the same model to the gateway."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for fname in CARD_FILES:
+        f = card.path / fname
+        if f.is_file():
+            digest.update(fname.encode() + b"\0" + f.read_bytes() + b"\0")
+    return {"name": card.name, "model_type": card.model_type, "num_layers": card.num_layers,
+            "vocab_size": card.vocab_size, "files_sha256": digest.hexdigest(),
+            "max_context": limits.max_context, "max_new_tokens": limits.max_new_tokens}
+
+
+def card_fingerprint(summary: dict) -> str:
+    """One function for both sides: a stable hash of a card summary (sorted JSON)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(summary, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def card_difference(ours: dict, theirs: dict) -> str:
+    """Human-readable list of the fields two summaries disagree on ('' when equal)."""
+    keys = sorted(set(ours) | set(theirs))
+    return ", ".join(f"{k}: gateway {ours.get(k)!r} != workers {theirs.get(k)!r}"
+                     for k in keys if ours.get(k) != theirs.get(k))

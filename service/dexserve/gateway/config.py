@@ -21,3 +21,6 @@ class GatewayConfig:
     tls_key: str | None = None
     names: QueueNames = field(default_factory=QueueNames)
     settings: QueueSettings = field(default_factory=QueueSettings)
+    # Compare with the card the workers publish (QueueNames.model_card): `dex gateway` turns it on
+    # (--no-model-card-check turns it off); in-process gateways in tests opt in.
+    check_model_card: bool = False

@@ -7,6 +7,7 @@ start in-process (`BackgroundGateway` runs one on its own event-loop thread).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dexserve.contract.model_card import ModelCard
+from dexserve.contract.model_card import ModelCard, card_difference, card_fingerprint, card_summary
 from dexserve.gateway.auth import BearerAuth
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.observer import GatewayObserver
@@ -44,6 +45,24 @@ def load_served(config: GatewayConfig) -> Served:
     return Served(card=card, limits=config.limits, count_tokens=tokenizer.count if tokenizer else None)
 
 
+class ModelMismatch(RuntimeError):
+    """The workers published a model card that differs from the gateway's."""
+
+
+async def check_model_card(client: aioredis.Redis, config: GatewayConfig, served: Served) -> str | None:
+    """Compare the card the workers published (`QueueNames.model_card`) with ours.
+    Returns the difference ('' = equal) or None when no worker has published yet."""
+    raw = await client.get(config.names.model_card())
+    if raw is None:
+        return None
+    theirs = json.loads(raw)
+    ours = card_summary(served.card, served.limits)
+    if theirs.get("fingerprint") == card_fingerprint(ours):
+        return ""
+    theirs.pop("fingerprint", None)
+    return card_difference(ours, theirs) or "fingerprint differs"
+
+
 def _handlers(servicer: DexServicer) -> grpc.GenericRpcHandler:
     """DexService's method table, with the lenient request deserializer."""
     ser = lambda m: m.SerializeToString()  # noqa: E731
@@ -63,6 +82,8 @@ class Gateway:
     port: int
     redis: aioredis.Redis
     health: health.aio.HealthServicer
+    served: Served | None = None
+    config: GatewayConfig | None = None
     _monitor: asyncio.Task | None = None
 
     @classmethod
@@ -70,6 +91,16 @@ class Gateway:
                     served: Served | None = None) -> "Gateway":
         served = served or await asyncio.to_thread(load_served, config)
         client = aioredis.Redis.from_url(config.redis_url, max_connections=None)
+        # One model per release: refuse to start when the workers serve another. No card yet
+        # (a new release, workers scaled to zero) is not an error: requests queue and wake a
+        # worker; the health loop re-checks and refuses requests on a later mismatch.
+        diff = await check_model_card(client, config, served) if config.check_model_card else ""
+        if diff:
+            await client.aclose()
+            raise ModelMismatch(f"workers serve a different model than this gateway ({diff}); "
+                                f"set the same model for both (chart value `model`)")
+        if diff is None:
+            log.warning("no worker has published its model card yet; checking again every %.0f s", HEALTH_PERIOD_S)
         queue = RequestQueue(client, config.names, config.settings)
         servicer = DexServicer(queue, served, observer)
         interceptors = list(getattr(observer, "interceptors", ()))   # telemetry first: it sees auth failures
@@ -90,17 +121,26 @@ class Gateway:
         else:
             port = server.add_insecure_port(address)
         await server.start()
-        gw = cls(server, port, client, health_servicer)
+        gw = cls(server, port, client, health_servicer, served=served, config=config)
         gw._monitor = asyncio.create_task(gw._watch_redis())
         return gw
 
     async def _watch_redis(self) -> None:
-        """SERVING while Redis answers: a gateway that cannot enqueue fails its probe."""
+        """SERVING while Redis answers and the workers' model card (if any) matches ours:
+        a gateway that cannot enqueue, or would validate for another model, fails its probe
+        (and refuses requests with FAILED_PRECONDITION while the cards differ)."""
         status = health_pb2.HealthCheckResponse
         while True:
             try:
                 await self.redis.ping()
                 state = status.SERVING
+                if self.served is not None and self.config is not None and self.config.check_model_card:
+                    diff = await check_model_card(self.redis, self.config, self.served)
+                    if diff and diff != self.served.mismatch:
+                        log.error("workers serve a different model: %s", diff)
+                    self.served.mismatch = diff or None
+                    if diff:
+                        state = status.NOT_SERVING
             except Exception:
                 state = status.NOT_SERVING
             for name in ("", SERVICE):

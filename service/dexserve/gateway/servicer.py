@@ -41,6 +41,7 @@ class Served:
     card: ModelCard
     limits: Limits
     count_tokens: Callable[[str], int] | None   # None: the workers check the context
+    mismatch: str | None = None                  # set while the workers' published card differs
 
     def matches(self, name: str) -> bool:
         return name in ("", self.card.name, str(self.card.path))
@@ -81,6 +82,9 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> pb.QueuedRequest:
         if isinstance(request, BadRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if self.served.mismatch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"gateway and workers serve different models: {self.served.mismatch}")
         if not self.served.matches(request.model):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model: {request.model!r} is not served here (serving {self.served.card.name!r})")

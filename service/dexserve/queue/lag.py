@@ -34,3 +34,10 @@ def pending(client: redis.Redis, names: QueueNames) -> int:
         return int(client.xpending(names.requests, GROUP)["pending"])
     except ResponseError:
         return 0
+
+
+def backlog(client: redis.Redis, names: QueueNames) -> int:
+    """Queued + in-flight requests: XLEN of the request stream. Exact on every Redis
+    version because workers XDEL every entry they finish (see protocol.py); this is the
+    number the chart's KEDA trigger (`streamLength`) scales on."""
+    return int(client.xlen(names.requests))

@@ -10,9 +10,16 @@ Keys (prefix `dex` by default; tests use a prefix of their own):
 - `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
 - `dex:dead`                 Stream of dead-lettered QueuedRequests (attempt set), MAXLEN ~ dead_maxlen.
 - `dex:worker:<consumer>`    Heartbeat key of a live worker, EXPIRE heartbeat_ttl.
+- `dex:model-card`           JSON summary of the model the workers serve (`contract.model_card.card_summary`
+                             plus its `fingerprint`), SET by every worker at start, no TTL; the gateway
+                             compares its own at start and on every health tick.
 
 Only Redis 6.2 commands are used (XAUTOCLAIM, exclusive XRANGE ranges,
-XADD MAXLEN); nothing reads XINFO's `lag` (7.0+).
+XADD MAXLEN); nothing reads XINFO's `lag` (7.0+). Workers XACK *and* XDEL every
+finished entry, so XLEN of the request stream is exactly queued + in flight on
+every Redis version: the autoscaling signal (KEDA `streamLength`; see
+`dexserve.queue.lag.backlog`). XINFO GROUPS `lag` is wrong or null after XDEL
+before Redis 7.4.2 and is not used.
 """
 
 from __future__ import annotations
@@ -81,6 +88,10 @@ class QueueNames:
 
     def workers_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
+
+    def model_card(self) -> str:
+        """The served model's card summary (JSON), published by workers, checked by the gateway."""
+        return f"{self.prefix}:model-card"
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                    help="which nodes run when capacity binds")
     g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)),
                    help="requests decoded together")
-    g.add_argument("--executor", choices=("reference", "distributed"), default="reference",
+    g.add_argument("--executor", choices=("reference", "distributed"), default=os.environ.get("DEX_EXECUTOR", "reference"),
                    help="reference: all explorers in this process; distributed: one process per explorer")
-    g.add_argument("--transport", choices=("auto", "shm", "torch"), default="auto",
+    g.add_argument("--transport", choices=("auto", "shm", "torch"),
+                   default=os.environ.get("DEX_TRANSPORT", "auto"),
                    help="distributed executor: shm = shared memory between CPU explorers on this host, "
                         "torch = torch.distributed (gloo on CPU, NCCL on CUDA); auto picks shm for CPU")
     g.add_argument("--device", default=os.environ.get("DEX_DEVICE", "cpu"), help="cpu or cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile each explorer step (fullgraph)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run steps eagerly instead of replaying captured graphs")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=int(os.environ["DEX_THREADS"]) if os.environ.get("DEX_THREADS") else None,
+                   help="torch intra-op threads (env DEX_THREADS; default: torch's)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=os.environ.get("DEX_DTYPE", "float32"),
+                   help="weights and activations dtype (env DEX_DTYPE)")
     add_limit_arguments(parser)
 
 
@@ -44,7 +48,7 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     """The argv that reproduces these engine flags in a child process (`dex up` -> workers)."""
     flags = ["--explorers", str(args.explorers), "--width", str(args.width), "--policy", args.policy,
              "--max-batch", str(args.max_batch), "--executor", args.executor, "--transport", args.transport,
-             "--device", args.device, *limit_flags(args)]
+             "--device", args.device, "--dtype", args.dtype, *limit_flags(args)]
     if hasattr(args, "mode"):
         flags += ["--mode", args.mode]
     if args.model:
@@ -65,4 +69,5 @@ def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineCo
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
                         decs=args.decs, policy=args.policy, max_context=limits.max_context, max_batch=args.max_batch,
                         executor=args.executor, transport=args.transport, device=args.device, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs, max_new_tokens=limits.max_new_tokens, threads=args.threads)
+                        cuda_graphs=args.cuda_graphs, max_new_tokens=limits.max_new_tokens, threads=args.threads,
+                        dtype=args.dtype)

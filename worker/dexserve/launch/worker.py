@@ -58,6 +58,18 @@ def run(args: argparse.Namespace) -> int:
     return run_worker(settings_from_args(args))
 
 
+def publish_model_card(client, settings: WorkerSettings) -> dict:
+    """SET the served model's card summary at `QueueNames.model_card` (JSON, with its
+    fingerprint): the gateway refuses to start, or to serve, when its own differs."""
+    import json
+
+    from dexserve.contract.model_card import ModelCard, card_fingerprint, card_summary
+
+    summary = card_summary(ModelCard.load(settings.model), settings.engine_config.limits)
+    client.set(settings.names.model_card(), json.dumps({**summary, "fingerprint": card_fingerprint(summary)}))
+    return summary
+
+
 def run_worker(settings: WorkerSettings) -> int:
     import redis
 
@@ -70,6 +82,7 @@ def run_worker(settings: WorkerSettings) -> int:
     telemetry = start_worker_telemetry()       # /healthz is 503 until the engine has loaded
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    publish_model_card(client, settings)
     worker = Worker(engine, WorkerQueue(client, settings.names, settings.queue, settings.consumer),
                     observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
                     grace_s=settings.grace_s)
