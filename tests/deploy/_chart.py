@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dexserve"
 CRDS = ROOT / "deploy" / "crds"
 GPU_KEDA_VALUES = CHART / "ci" / "gpu-keda-values.yaml"
+# Every values file in ci/: each is linted, rendered and validated.
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 K8S_VERSION = "1.33"
 RELEASE = "dex"
 NAMESPACE = "serving"

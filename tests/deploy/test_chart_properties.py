@@ -9,10 +9,11 @@ import yaml
 
 from dexserve.kube.pod_guard import BUSY_PATCH, REQUIRED_VERBS
 
-from ._chart import CHART, GPU_KEDA_VALUES, find, helm, kinds, render
+from ._chart import CHART, CI_VALUES, GPU_KEDA_VALUES, find, helm, kinds, render
 
 
 PROFILES = {"defaults": (), "gpu-keda": (GPU_KEDA_VALUES,)}
+ALL_PROFILES = {"defaults": (), **{f.stem: (f,) for f in CI_VALUES}}
 
 
 def _pod_spec(docs, suffix: str) -> dict:
@@ -29,14 +30,77 @@ def test_gpu_request_equals_explorers(values) -> None:
     c = _pod_spec(render(*values), "-worker")["containers"][0]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == str(explorers)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(explorers)
-    assert _env(c)["DEX_EXPLORERS"]["value"] == str(explorers)
-    assert c["args"] == ["worker", "--explorers", str(explorers)]  # `dex worker` takes a flag
+    env = _env(c)
+    assert env["DEX_EXPLORERS"]["value"] == str(explorers)
+    assert c["args"] == ["worker"]  # every engine setting is environment (dexserve.launch.engine_options)
+    assert env["DEX_DEVICE"]["value"] == "cuda"
+    # K explorers on K GPUs: the distributed executor, rank k on cuda:k over NCCL; one explorer: one process.
+    assert env["DEX_EXECUTOR"]["value"] == ("distributed" if explorers > 1 else "reference")
+    assert env["DEX_TRANSPORT"]["value"] == ("torch" if explorers > 1 else "auto")
+    assert env["NCCL_IB_DISABLE"]["value"] == "1" and "NCCL_DEBUG" in env
+
+
+def test_shared_placement_runs_k_explorers_on_one_gpu() -> None:
+    c = _pod_spec(render(sets=("worker.explorers=4", "worker.gpu.placement=shared")), "-worker")["containers"][0]
+    env = _env(c)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (env["DEX_DEVICE"]["value"], env["DEX_EXECUTOR"]["value"], env["DEX_EXPLORERS"]["value"]) == \
+        ("cuda", "reference", "4")
+
+
+def test_cpu_workers_without_gpus() -> None:
+    docs = render(sets=("worker.gpu.enabled=false", "worker.explorers=2", "worker.engine.executor=distributed",
+                        "worker.engine.transport=shm"))
+    spec = _pod_spec(docs, "-worker")
+    c = spec["containers"][0]
+    env = _env(c)
+    assert not any("nvidia.com/gpu" in (c["resources"].get(k) or {}) for k in ("requests", "limits"))
+    assert (env["DEX_DEVICE"]["value"], env["DEX_EXECUTOR"]["value"], env["DEX_TRANSPORT"]["value"]) == \
+        ("cpu", "distributed", "shm")
+    assert "NCCL_DEBUG" not in env
+    assert "nodeAffinity" not in spec["affinity"], "CPU workers must not be pinned to GPU nodes"
+
+
+@pytest.mark.parametrize("key, env_name, value", [
+    ("worker.engine.width", "DEX_WIDTH", "16"), ("worker.engine.maxBatch", "DEX_MAX_BATCH", "12"),
+    ("worker.engine.dtype", "DEX_DTYPE", "bfloat16"), ("worker.engine.threads", "DEX_THREADS", "3"),
+    ("serving.maxContext", "DEX_MAX_CONTEXT", "2048")])
+def test_every_engine_value_reaches_the_worker_env(key, env_name, value) -> None:
+    c = _pod_spec(render(sets=(f"{key}={value}",)), "-worker")["containers"][0]
+    assert _env(c)[env_name]["value"] == value
+
+
+def test_engine_env_names_are_what_the_cli_reads() -> None:
+    """The chart's environment must be what `dex worker` parses (no silent mismatch)."""
+    import argparse
+    import os
+    from unittest import mock
+
+    from dexserve.launch.worker import add_arguments, settings_from_args
+
+    c = _pod_spec(render(GPU_KEDA_VALUES), "-worker")["containers"][0]
+    env = {k: v["value"] for k, v in _env(c).items() if "value" in v}
+    env["DEX_MODEL_DIR"] = ""  # the checkpoint on the PVC is not here
+    with mock.patch.dict(os.environ, env, clear=False):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        cfg = settings_from_args(parser.parse_args(c["args"][1:])).engine_config
+    assert (cfg.device, cfg.executor, cfg.transport, cfg.explorers, cfg.width, cfg.max_batch, cfg.dtype) == \
+        ("cuda", "distributed", "torch", 4, 8, 8, "bfloat16")
+    assert cfg.max_context == int(env["DEX_MAX_CONTEXT"])
+
+
+@pytest.mark.parametrize("flag, sets", [("--compile", ("worker.engine.compile=true",)),
+                                        ("--no-cuda-graphs", ("worker.engine.cudaGraphs=false",))])
+def test_boolean_engine_values_become_flags(flag, sets) -> None:
+    assert flag in _pod_spec(render(sets=sets), "-worker")["containers"][0]["args"]
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_gpu_request_tracks_explorers_value(n: int) -> None:
     c = _pod_spec(render(sets=(f"worker.explorers={n}",)), "-worker")["containers"][0]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == str(n) == _env(c)["DEX_EXPLORERS"]["value"]
+    assert _env(c)["DEX_EXECUTOR"]["value"] == ("distributed" if n > 1 else "reference")
 
 
 def test_worker_gpu_pool_placement_and_shm() -> None:
@@ -65,7 +129,7 @@ def test_karpenter_nodepool_gpu_taint_families_limits() -> None:
     assert tspec["nodeClassRef"] == {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"}
 
 
-def test_keda_redis_streams_lag_count_and_scale_to_zero() -> None:
+def test_keda_redis_streams_stream_length_and_scale_to_zero() -> None:
     docs = render(GPU_KEDA_VALUES)
     so = find(docs, "ScaledObject")["spec"]
     assert so["scaleTargetRef"]["name"] == find(docs, "Deployment", "-worker")["metadata"]["name"]
@@ -77,9 +141,10 @@ def test_keda_redis_streams_lag_count_and_scale_to_zero() -> None:
     from dexserve.queue.protocol import GROUP, QueueNames
 
     assert md["stream"] == QueueNames().requests == "dex:requests"
-    assert md["consumerGroup"] == GROUP == "dex-workers"
-    assert md["lagCount"] == "2" and md["activationLagCount"] == "0"
-    assert "pendingEntriesCount" not in md, "pending counts cannot drive scaling; lagCount mode only"
+    # XLEN mode: KEDA picks it only when no consumerGroup is given (with one it reads XPENDING).
+    assert "consumerGroup" not in md and GROUP == "dex-workers"
+    assert md["streamLength"] == "8" and md["activationLagCount"] == "0"
+    assert "pendingEntriesCount" not in md and "lagCount" not in md
     assert md["addressFromEnv"] == "REDIS_ADDRESS"
     worker_env = _env(_pod_spec(docs, "-worker")["containers"][0])
     assert "REDIS_ADDRESS" in worker_env, "addressFromEnv reads the scale target's env"
@@ -91,6 +156,18 @@ def test_keda_redis_streams_lag_count_and_scale_to_zero() -> None:
     assert ref["parameter"] == "password" and ref["name"] == find(docs, "Secret", "-redis")["metadata"]["name"]
     # KEDA owns replicas: the Deployment must not fight it.
     assert "replicas" not in find(docs, "Deployment", "-worker")["spec"]
+
+
+def test_keda_lag_count_only_on_redis_742_or_later() -> None:
+    base = ("keda.enabled=true", "keda.signal=lagCount")
+    res = helm("template", "dex", str(CHART), *[a for s in base for a in ("--set", s)], check=False)
+    assert res.returncode != 0 and "7.4.2" in res.stderr
+    res = helm("template", "dex", str(CHART), *[a for s in base for a in ("--set", s)],
+               "--set", "redis.internal.enabled=false", "--set", "redis.external.existingSecret=x", check=False)
+    assert res.returncode != 0 and "streamLength" in res.stderr
+    so = find(render(sets=(*base, "redis.internal.image.tag=7.4.2")), "ScaledObject")
+    md = so["spec"]["triggers"][0]["metadata"]
+    assert md["consumerGroup"] == "dex-workers" and md["lagCount"] == "4" and "streamLength" not in md
 
 
 def test_keda_min_replicas_without_scale_to_zero() -> None:
@@ -110,7 +187,7 @@ def test_pdb_selects_workers(values) -> None:
 
 def test_networkpolicy_lets_only_gateway_and_worker_reach_redis() -> None:
     docs = render()
-    netpol = find(docs, "NetworkPolicy")["spec"]
+    netpol = find(docs, "NetworkPolicy", "-redis")["spec"]
     redis = find(docs, "StatefulSet", "-redis")
     assert netpol["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
     assert netpol["policyTypes"] == ["Ingress"]
@@ -141,19 +218,50 @@ def test_queue_prefix_flows_to_keda_and_processes() -> None:
         assert _env(_pod_spec(docs, suffix)["containers"][0])["DEX_QUEUE_PREFIX"]["value"] == "tenant-a"
 
 
-def test_worker_grace_and_model_dir() -> None:
-    docs = render(sets=("worker.modelDir=/models/m", "worker.modelVolume.persistentVolumeClaim.claimName=models"))
-    spec = _pod_spec(docs, "-worker")
+def test_worker_grace() -> None:
+    spec = _pod_spec(render(), "-worker")
     env = _env(spec["containers"][0])
-    assert env["DEX_MODEL_DIR"]["value"] == "/models/m"
     assert int(env["DEX_SHUTDOWN_GRACE_S"]["value"]) < spec["terminationGracePeriodSeconds"]
-    assert {"name": "model", "mountPath": "/models/m", "readOnly": True} in spec["containers"][0]["volumeMounts"]
-    assert "DEX_MODEL_DIR" not in _env(_pod_spec(render(), "-worker")["containers"][0])  # shipped model
+
+
+@pytest.mark.parametrize("sets, volume", [
+    (("model.source=pvc", "model.pvc.claimName=models"),
+     {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}),
+    (("model.source=hostPath", "model.hostPath.path=/srv/models"),
+     {"name": "model", "hostPath": {"path": "/srv/models", "type": "Directory"}}),
+    (("model.source=initContainer", "model.initContainer.image=reg/model:1"),
+     {"name": "model", "emptyDir": {"sizeLimit": "50Gi"}}),
+], ids=["pvc", "hostPath", "initContainer"])
+def test_one_model_for_gateway_and_workers(sets, volume) -> None:
+    """Both roles mount the same source at /models and read the same DEX_MODEL_DIR."""
+    docs = render(sets=(*sets, "model.subPath=m"))
+    for suffix in ("-gateway", "-worker"):
+        spec = _pod_spec(docs, suffix)
+        c = spec["containers"][0]
+        assert _env(c)["DEX_MODEL_DIR"]["value"] == "/models/m", suffix
+        assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"], suffix
+        assert volume in spec["volumes"], suffix
+        inits = spec.get("initContainers", [])
+        if "emptyDir" in volume:
+            (init,) = inits
+            assert init["image"] == "reg/model:1"
+            assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
+            assert init["securityContext"]["readOnlyRootFilesystem"] is True
+        else:
+            assert not inits
+    for suffix in ("-gateway", "-worker"):  # shipped model: no mount, no env
+        assert "DEX_MODEL_DIR" not in _env(_pod_spec(render(), suffix)["containers"][0])
+
+
+@pytest.mark.parametrize("bad", ["model.source=pvc", "model.source=hostPath", "model.source=initContainer"])
+def test_model_source_requires_its_location(bad) -> None:
+    assert helm("template", "dex", str(CHART), "--set", bad, check=False).returncode != 0
 
 
 def test_external_redis_url_from_secret() -> None:
     docs = render(sets=("redis.internal.enabled=false", "redis.external.existingSecret=ext-redis"))
-    assert "StatefulSet" not in kinds(docs) and "NetworkPolicy" not in kinds(docs)
+    assert "StatefulSet" not in kinds(docs)
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-redis")]
     for suffix in ("-gateway", "-worker"):
         env = _env(_pod_spec(docs, suffix)["containers"][0])
         assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "ext-redis", "key": "url"}
@@ -176,9 +284,10 @@ def test_rbac_grants_exactly_what_pod_guard_needs() -> None:
     assert env["DEX_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["DEX_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert not any(d["kind"] in {"ClusterRole", "ClusterRoleBinding"} for d in docs)
+    assert worker["automountServiceAccountToken"] is True  # the bound token carries the pod name the VAP checks
 
 
-@pytest.mark.parametrize("values", PROFILES.values(), ids=PROFILES.keys())
+@pytest.mark.parametrize("values", ALL_PROFILES.values(), ids=ALL_PROFILES.keys())
 def test_restricted_security_context(values) -> None:
     docs = render(*values)
     for d in docs:
@@ -187,7 +296,7 @@ def test_restricted_security_context(values) -> None:
         spec = d["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        for c in spec["containers"]:
+        for c in spec["containers"] + spec.get("initContainers", []):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, d["metadata"]["name"]
             assert sc["readOnlyRootFilesystem"] is True
