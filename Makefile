@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 TOOLS := .tools
 
-.PHONY: setup tools run test proto bench clean
+.PHONY: setup tools redis7 run test proto bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,10 +26,18 @@ tools: $(TOOLS)/bin/helm
 $(TOOLS)/bin/helm:
 	bash deploy/tools/install-helm.sh $(TOOLS)
 
+# A Redis 7.x server next to the embedded 6.2 one: the lag-signal test runs KEDA's reads on both.
+# Debian's redis-server package (7.0 on bookworm/trixie); the install does not start it.
+redis7:
+	@test -x /usr/bin/redis-server || test -x /usr/local/bin/redis-server || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
+
 run: setup
 	$(BIN)/dex up
 
-test: setup tools
+test: setup tools redis7
 	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 proto: setup
