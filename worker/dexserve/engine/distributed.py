@@ -114,7 +114,7 @@ class _Rank:
             torch.cuda.set_device(device)
         spec = dataclasses.replace(spec, device=str(device))
         weights = load_weights(card, spec.layers(rank), need_embed=(rank == 0), dtype=spec.dtype, device=device)
-        cos, sin = rotary_tables(card, spec.buffers.max_context, device=device)
+        cos, sin = rotary_tables(card, spec.buffers.max_context, dtype=spec.dtype, device=device)
         step = ExplorerStep(weights, spec.layers(rank), spec.buffers, cos, sin, spec.candidates,
                             first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
         runner, prefill_runner = StepRunner(step, spec.widths[rank], spec), StepRunner(step, spec.buffers.prefill_rows, spec)

@@ -233,7 +233,7 @@ class ReferenceExecutor:
     def __init__(self, card: ModelCard, spec: ExecutorSpec) -> None:
         self.spec = spec
         weights = load_weights(card, range(card.num_layers), need_embed=True, dtype=spec.dtype, device=spec.device)
-        cos, sin = rotary_tables(card, spec.buffers.max_context, device=spec.device)
+        cos, sin = rotary_tables(card, spec.buffers.max_context, dtype=spec.dtype, device=spec.device)
         self.packer = RowPacker(spec.buffers, weights.dims.sliding_window)
         hidden = torch.zeros(spec.buffers.hidden_rows, weights.dims.hidden, device=spec.device, dtype=spec.dtype)
         self.steps = [ExplorerStep(weights, spec.layers(k), spec.buffers, cos, sin, spec.candidates,
