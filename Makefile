@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 TOOLS := .tools
 
-.PHONY: setup tools redis7 run test proto bench clean
+.PHONY: setup tools redis7 debootstrap run test proto bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ tools: $(TOOLS)/bin/helm
 $(TOOLS)/bin/helm:
 	bash deploy/tools/install-helm.sh $(TOOLS)
 
+# debootstrap: the image test builds both images' root filesystems without Docker (deploy/tools/rootfs-build.sh).
+debootstrap:
+	@command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q debootstrap >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q debootstrap; }; }
+
 # A Redis 7.x server next to the embedded 6.2 one: the lag-signal test runs KEDA's reads on both.
 # Debian's redis-server package (7.0 on bookworm/trixie); the install does not start it.
 redis7:
@@ -37,7 +44,7 @@ redis7:
 run: setup
 	$(BIN)/dex up
 
-test: setup tools redis7
+test: setup tools redis7 debootstrap
 	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 proto: setup
