@@ -129,10 +129,12 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path) ->
         text = "".join(c.text for c in chunks)
         assert chunks and chunks[-1].finish_reason, chunks
         assert sum(len(c.token_ids) for c in chunks) == 8 and text
-        # The same gateway command with another model's limits refuses to start (exit 3).
+        # The same gateway command with another model's limits refuses to start (exit 3) once its
+        # wait for the workers' card to change runs out (shortened here).
         bad = resolve_env(gw_c, "dex-dexserve-gateway-1", {**common, "DEX_HOST": "127.0.0.1", "DEX_PORT": "0",
                                                            "DEX_METRICS_PORT": str(free_port()),
-                                                           "DEX_MAX_CONTEXT": "256"})
+                                                           "DEX_MAX_CONTEXT": "256",
+                                                           "DEX_MODEL_CARD_WAIT_S": "1"})
         refused = subprocess.run([sys.executable, "-m", "dexserve.cli", *gw_c["args"]], env={**os.environ, **bad},
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode == 3, refused.stdout + refused.stderr

@@ -59,12 +59,42 @@ def test_worker_publishes_the_same_card_the_gateway_computes(rclient, names, sta
     assert stored["fingerprint"] == card_fingerprint(card_summary(ModelCard.load(standin_model),
                                                                   Limits(max_context=300)))
     assert summary["max_context"] == 300 and stored["name"] == standin_model.name
+    assert 0 < rclient.ttl(names.model_card()) <= settings.queue.heartbeat_ttl_s, "only live workers' card"
+
+
+def test_heartbeat_refreshes_the_card_and_it_expires_without_workers(rclient, names) -> None:
+    from dexserve.queue.consumer import WorkerQueue
+
+    from .conftest import TEST_SETTINGS as s
+
+    q = WorkerQueue(rclient, names, s, "w1")
+    q.heartbeat([])
+    assert not rclient.exists(names.model_card()), "no card set: nothing published"
+    q.model_card = '{"fingerprint": "x"}'
+    q.heartbeat([])
+    assert rclient.get(names.model_card()) == b'{"fingerprint": "x"}'
+    assert 0 < rclient.pttl(names.model_card()) <= s.heartbeat_ttl_s * 1000
 
 
 def test_gateway_refuses_to_start_on_a_different_card(redis_server, rclient, names, standin_model) -> None:
     _publish(rclient, names, standin_model, Limits(max_context=128))
     with pytest.raises(ModelMismatch, match="max_context"):
         BackgroundGateway(_config(redis_server, names, standin_model))
+
+
+def test_gateway_waits_for_the_workers_card_during_a_rollout(redis_server, rclient, names, standin_model) -> None:
+    """Old workers' card at start, the new workers publish ours a moment later: the gateway starts."""
+    import threading
+
+    _publish(rclient, names, standin_model, Limits(max_context=128))
+    timer = threading.Timer(0.5, _publish, (rclient, names, standin_model, Limits()))
+    timer.start()
+    gw = BackgroundGateway(_config(redis_server, names, standin_model, model_card_wait_s=10))
+    try:
+        assert gw.port
+    finally:
+        timer.join()
+        gw.stop()
 
 
 def test_no_card_yet_then_mismatch_then_match(redis_server, rclient, names, standin_model, monkeypatch) -> None:

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=env("DEX_MODEL_CARD_CHECK", "1") not in ("0", "false", "no"),
                         help="do not compare this gateway's model with the card the workers publish "
                              "(env DEX_MODEL_CARD_CHECK=0); on by default: a mismatch refuses to start")
+    parser.add_argument("--model-card-wait", type=float, default=float(env("DEX_MODEL_CARD_WAIT_S", 45)),
+                        help="seconds to wait for the workers' card to match before refusing to start "
+                             "(env DEX_MODEL_CARD_WAIT_S; a rollout's old workers may still hold the key)")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
 
@@ -38,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, model=args.model,
                          limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, names=names, settings=settings,
-                         check_model_card=args.check_model_card)
+                         check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,3 +24,6 @@ class GatewayConfig:
     # Compare with the card the workers publish (QueueNames.model_card): `dex gateway` turns it on
     # (--no-model-card-check turns it off); in-process gateways in tests opt in.
     check_model_card: bool = False
+    # A differing card at start may be the old workers' during a rollout: re-read it this long
+    # before refusing to start (the new workers publish theirs once their model has loaded).
+    model_card_wait_s: float = 0.0

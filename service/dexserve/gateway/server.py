@@ -95,6 +95,12 @@ class Gateway:
         # (a new release, workers scaled to zero) is not an error: requests queue and wake a
         # worker; the health loop re-checks and refuses requests on a later mismatch.
         diff = await check_model_card(client, config, served) if config.check_model_card else ""
+        deadline = asyncio.get_running_loop().time() + config.model_card_wait_s
+        while diff and asyncio.get_running_loop().time() < deadline:
+            log.warning("workers serve a different model (%s); waiting up to %.0f s for theirs to change",
+                        diff, config.model_card_wait_s)
+            await asyncio.sleep(min(1.0, config.model_card_wait_s))
+            diff = await check_model_card(client, config, served)
         if diff:
             await client.aclose()
             raise ModelMismatch(f"workers serve a different model than this gateway ({diff}); "

@@ -76,6 +76,7 @@ class WorkerQueue:
         self._cursor = b"0-0"
         self.redis.set_response_callback("XAUTOCLAIM", lambda r, **_: r)  # parse both 6.2 and 7 shapes here
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self.model_card: str | None = None   # JSON card (QueueNames.model_card), refreshed with each heartbeat
 
     def ensure_group(self) -> None:
         """Create the group (and stream) if missing, reading from the start so
@@ -205,7 +206,11 @@ class WorkerQueue:
     def heartbeat(self, entry_ids: list[bytes]) -> set[bytes]:
         """Mark this worker alive and refresh its entries; returns the ids it
         still owns (an entry missing from the answer was claimed by another)."""
-        self.redis.set(self.names.worker(self.consumer), str(time.time()), ex=self.settings.heartbeat_ttl_s)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.names.worker(self.consumer), str(time.time()), ex=self.settings.heartbeat_ttl_s)
+        if self.model_card is not None:
+            pipe.set(self.names.model_card(), self.model_card, ex=self.settings.heartbeat_ttl_s)
+        pipe.execute()
         if not entry_ids:
             return set()
         owned = self._heartbeat(keys=[self.names.requests], args=[GROUP, self.consumer, *entry_ids])

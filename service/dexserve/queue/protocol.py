@@ -10,9 +10,10 @@ Keys (prefix `dex` by default; tests use a prefix of their own):
 - `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
 - `dex:dead`                 Stream of dead-lettered QueuedRequests (attempt set), MAXLEN ~ dead_maxlen.
 - `dex:worker:<consumer>`    Heartbeat key of a live worker, EXPIRE heartbeat_ttl.
-- `dex:model-card`           JSON summary of the model the workers serve (`contract.model_card.card_summary`
-                             plus its `fingerprint`), SET by every worker at start, no TTL; the gateway
-                             compares its own at start and on every health tick.
+- `dex:model-card`           JSON summary of the model the live workers serve (`contract.model_card.card_summary`
+                             plus its `fingerprint`): SET by every worker at start and with every heartbeat,
+                             EXPIRE heartbeat_ttl (no worker running: no card). The gateway compares its own
+                             at start and on every health tick.
 
 Only Redis 6.2 commands are used (XAUTOCLAIM, exclusive XRANGE ranges,
 XADD MAXLEN); nothing reads XINFO's `lag` (7.0+). Workers XACK *and* XDEL every

@@ -58,16 +58,24 @@ def run(args: argparse.Namespace) -> int:
     return run_worker(settings_from_args(args))
 
 
-def publish_model_card(client, settings: WorkerSettings) -> dict:
-    """SET the served model's card summary at `QueueNames.model_card` (JSON, with its
-    fingerprint): the gateway refuses to start, or to serve, when its own differs."""
+def model_card_json(settings: WorkerSettings) -> str:
+    """The served model's card summary with its fingerprint (JSON), as published at `QueueNames.model_card`."""
     import json
 
     from dexserve.contract.model_card import ModelCard, card_fingerprint, card_summary
 
     summary = card_summary(ModelCard.load(settings.model), settings.engine_config.limits)
-    client.set(settings.names.model_card(), json.dumps({**summary, "fingerprint": card_fingerprint(summary)}))
-    return summary
+    return json.dumps({**summary, "fingerprint": card_fingerprint(summary)})
+
+
+def publish_model_card(client, settings: WorkerSettings) -> dict:
+    """SET the card now (EXPIRE heartbeat_ttl; the worker's heartbeat refreshes it): the gateway
+    refuses to start, or to serve, when its own differs."""
+    import json
+
+    card = model_card_json(settings)
+    client.set(settings.names.model_card(), card, ex=settings.queue.heartbeat_ttl_s)
+    return json.loads(card)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -83,7 +91,9 @@ def run_worker(settings: WorkerSettings) -> int:
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     publish_model_card(client, settings)
-    worker = Worker(engine, WorkerQueue(client, settings.names, settings.queue, settings.consumer),
+    queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer)
+    queue.model_card = model_card_json(settings)        # refreshed with every heartbeat
+    worker = Worker(engine, queue,
                     observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
                     grace_s=settings.grace_s)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
