@@ -25,7 +25,7 @@ from dexserve.contract.model_card import shipped_model_dir
 from dexserve.queue.embedded import EmbeddedRedis, free_port
 from dexserve.queue.protocol import QueueNames
 
-from ._chart import GPU_KEDA_VALUES, NAMESPACE, ROOT, find, render
+from ._chart import CHART, GPU_KEDA_VALUES, NAMESPACE, ROOT, find, render
 
 AUTH_TOKEN = "test-token"
 SECRETS = {("dex-auth", "token"): AUTH_TOKEN, ("dex-dexserve-redis", "password"): ""}
@@ -96,10 +96,19 @@ def private_redis(tmp_path):
     srv.stop()
 
 
-def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path) -> None:
+PROFILES = {
+    # K=4 explorers on 4 GPUs: distributed executor over NCCL (gloo once the device is cpu).
+    "gpu-keda": (GPU_KEDA_VALUES, ("distributed", "torch", "4")),
+    # CPU-only cluster: distributed executor over shared memory.
+    "cpu": (CHART / "ci" / "cpu-values.yaml", ("distributed", "shm", "2")),
+}
+
+
+@pytest.mark.parametrize("values, engine", PROFILES.values(), ids=PROFILES.keys())
+def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path, values, engine) -> None:
     from dexserve.client import stream_generate
 
-    docs = render(GPU_KEDA_VALUES, sets=("otel.endpoint=",))
+    docs = render(values, sets=("otel.endpoint=",))
     gw_c = find(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
     wk_c = find(docs, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
     assert _entrypoint("gateway.Dockerfile") == _entrypoint("worker.Dockerfile") == ["dex"]
@@ -107,12 +116,14 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path) ->
     common = {"REDIS_URL": private_redis.url, "DEX_MODEL_DIR": model}
     wk_env = resolve_env(wk_c, "dex-dexserve-worker-0", {**common, "DEX_DEVICE": "cpu",
                                                          "DEX_METRICS_PORT": str(free_port())})
-    # The GPU profile really asks for K explorers on K GPUs over NCCL; only the device changes here.
-    assert (wk_env["DEX_EXECUTOR"], wk_env["DEX_TRANSPORT"], wk_env["DEX_EXPLORERS"]) == ("distributed", "torch", "4")
+    # The profile's executor layout runs as rendered; only the device changes here.
+    assert (wk_env["DEX_EXECUTOR"], wk_env["DEX_TRANSPORT"], wk_env["DEX_EXPLORERS"]) == engine
     port = free_port()
     gw_env = resolve_env(gw_c, "dex-dexserve-gateway-0", {**common, "DEX_HOST": "127.0.0.1", "DEX_PORT": str(port),
                                                           "DEX_METRICS_PORT": str(free_port())})
-    assert gw_env["DEX_AUTH_TOKEN"] == AUTH_TOKEN and gw_env["DEX_MAX_CONTEXT"] == wk_env["DEX_MAX_CONTEXT"]
+    assert gw_env["DEX_MAX_CONTEXT"] == wk_env["DEX_MAX_CONTEXT"]
+    token = gw_env.get("DEX_AUTH_TOKEN")
+    assert (token == AUTH_TOKEN) == (values == GPU_KEDA_VALUES), "the gpu-keda profile turns auth on"
     names = QueueNames(wk_env["DEX_QUEUE_PREFIX"])
     client = redis.Redis.from_url(private_redis.url)
 
@@ -124,11 +135,13 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path) ->
               "worker ready (model card published, heartbeat)", [worker], [wk_log], 120)
         gateway = _start(gw_c, gw_env, gw_log)
         _wait(lambda: b"listening" in gw_log.read_bytes(), "gateway listening", [gateway, worker], [gw_log, wk_log], 60)
-        chunks = list(stream_generate(f"127.0.0.1:{port}", "def add(a, b):", token=AUTH_TOKEN, timeout=60,
+        chunks = list(stream_generate(f"127.0.0.1:{port}", "def add(a, b):", token=token, timeout=60,
                                       max_new_tokens=8))
         text = "".join(c.text for c in chunks)
         assert chunks and chunks[-1].finish_reason, chunks
         assert sum(len(c.token_ids) for c in chunks) == 8 and text
+        if values != GPU_KEDA_VALUES:
+            return
         # The same gateway command with another model's limits refuses to start (exit 3) once its
         # wait for the workers' card to change runs out (shortened here).
         bad = resolve_env(gw_c, "dex-dexserve-gateway-1", {**common, "DEX_HOST": "127.0.0.1", "DEX_PORT": "0",
