@@ -430,9 +430,9 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
                                 "first_diff": d or d_ar, "readouts_identical": same_rounds,
                                 "first_readout_mismatch_round": mismatch_round, "rounds": len(dex.readouts),
                                 "eager_load_seconds": round(eager_load, 3)}
-        label = "graph replay" if cuda else "eager (no graphs on CPU)"
-        checks.add(f"K={K} dex {label} == eager", d is None, first_diff=d)
-        checks.add(f"K={K} ar {label} == eager", d_ar is None, first_diff=d_ar)
+        label = "graph replay == eager" if cuda else "eager == eager (CPU: no graphs)"
+        checks.add(f"K={K} dex {label}", d is None, first_diff=d)
+        checks.add(f"K={K} ar {label}", d_ar is None, first_diff=d_ar)
 
         # Hugging Face greedy (computed once; ar is the same for every K)
         if hf is not None:
