@@ -17,9 +17,11 @@ For each K in --explorers (default 2 4 8), explorers in one process:
 With more than one GPU visible: the distributed executor over NCCL (K up to
 the GPU count), equality with ar and tokens/s.
 
-Writes one JSON file and prints a markdown table; exits 1 if any equality
-check fails. Parts that would overrun --time-budget are skipped and recorded
-as skipped. `--device cpu --dry` is the same code path without graphs (eager
+Writes one JSON file and prints a markdown table. Exit status: 0 every check
+passed, 1 a check failed (an equality among them), 2 bad invocation, 3 no
+check failed but parts were skipped: a part that would start past
+--time-budget is skipped, one still running 30 s past it is cut short between
+prompts, and either is recorded. `--device cpu --dry` is the same code path without graphs (eager
 vs eager), on a tiny workload; the test suite runs it (tests/engine/test_gpu_check.py).
 """
 
@@ -82,10 +84,21 @@ LIMIT, DRY_LIMIT = 20, 2
 # budget and checks
 
 
+class Overrun(RuntimeError):
+    """A part ran past the hard limit (budget + grace) and was cut short."""
+
+
 class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    """Parts start only if their estimate fits in `seconds`; a running part is
+    cut short (between prompts) once `seconds + grace` have passed."""
+
+    def __init__(self, seconds: float, grace: float = 30.0) -> None:
+        self.seconds, self.grace = seconds, grace
         self.t0 = time.perf_counter()
+
+    def enforce(self) -> None:
+        if self.used > self.seconds + self.grace:
+            raise Overrun(f"time budget {self.seconds:.0f}s (+{self.grace:.0f}s grace) exhausted")
 
     @property
     def used(self) -> float:
@@ -217,6 +230,9 @@ class Run:
         return out
 
 
+BUDGET: Budget | None = None  # set by main(); decode() stops between prompts once it is exhausted
+
+
 def decode(engine: Engine, mode: str, prompts: list[list[int]], new: int, *, readouts: bool = False,
            timed: bool = False) -> Run:
     """Each prompt on its own (per-stream figures), `new` tokens, EOS ignored."""
@@ -238,6 +254,8 @@ def decode(engine: Engine, mode: str, prompts: list[list[int]], new: int, *, rea
     outputs, seconds, host = [], 0.0, 0.0
     try:
         for i, ids in enumerate(prompts):
+            if BUDGET is not None:
+                BUDGET.enforce()
             req = GenerationRequest(request_id=f"gpu-check-{i}", prompt_ids=tuple(ids), max_new_tokens=new,
                                     ignore_eos=True)
             tokens: list[int] = []
@@ -317,6 +335,24 @@ def isolated_step_us(engine: Engine, span: int, repeats: int) -> list[float]:
     return out
 
 
+def replay_only_us(engine: Engine, span: int, repeats: int) -> list[float]:
+    """Each explorer's captured greedy graph at `span`, replayed alone with no
+    input copies: the GPU time of the step itself, µs."""
+    out = []
+    for runner in engine.executor.runners:
+        graph = runner.graphs[(False, span)][0]
+        for _ in range(3):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(round(1e3 * start.elapsed_time(end) / repeats, 2))
+    return out
+
+
 def load_engine(args, K: int, graphs: bool, executor: str = "reference", transport: str = "auto") -> tuple[Engine, float]:
     t0 = time.perf_counter()
     eng = Engine.load(args.model, EngineConfig(explorers=K, width=args.width, max_context=args.max_context,
@@ -360,6 +396,21 @@ def hf_margin(model, prefix: list[int], device: str) -> float:
 # ---------------------------------------------------------------------------
 # the check
 
+DEFINITIONS = {
+    "tokens_per_s": "committed tokens / wall time, one prompt at a time (per-stream), EOS ignored, after a warm-up decode",
+    "rpt": "rounds per committed token (DEX.md cost model): ar = K, dex >= 1",
+    "ms_per_round": "wall time / rounds of the plain (uninstrumented) run",
+    "host_overhead_us_per_round": "instrumented run: a round's wall time (Engine.step) minus the time of its explorer "
+                                  "steps (CUDA events around each step's input copy + replay; wall clock on CPU): "
+                                  "lattice plan/advance, row packing, launches, the readout sync",
+    "step_us_per_explorer": "instrumented run: mean time of explorer k's step within the rounds",
+    "isolated_step_us_per_explorer": "each explorer's lattice step run alone on padding rows, greedy variant, at the "
+                                     "attention span of the longest prompt + new tokens; replay_only: the captured "
+                                     "graph replayed with no input copies (GPU only)",
+    "graph_vs_eager": "dex and ar with CUDA graphs vs a second engine without them; readouts_identical compares "
+                      "every round's full candidate readouts (information only: the check is on tokens)",
+}
+
 
 def environment(args) -> dict:
     import transformers
@@ -394,6 +445,7 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
     out: dict = {"explorers": K}
     cuda = args.device.startswith("cuda")
     graph_eng, load_s = load_engine(args, K, graphs=cuda)
+    ar = None
     try:
         out["capture"] = {"load_seconds": round(load_s, 3), **graph_census(graph_eng)}
         if cuda:
@@ -457,13 +509,18 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
                     "host_overhead_us_per_round", "step_us_per_round", "step_us_per_explorer", "step_calls_per_explorer")},
                     instrumented_prompts=n)
             span = graph_eng.executor.runners[0].span(max(map(len, prompts)) + args.new_tokens)
-            out["timing"]["isolated_step_us_per_explorer"] = {
-                "span": span, "graph" if cuda else "eager": isolated_step_us(graph_eng, span, args.repeats)}
+            iso = {"span": span, "graph" if cuda else "eager": isolated_step_us(graph_eng, span, args.repeats)}
+            if cuda:
+                iso["replay_only"] = replay_only_us(graph_eng, span, args.repeats)
+            out["timing"]["isolated_step_us_per_explorer"] = iso
         else:
             out["timing"]["instrumented"] = {"skipped": "time budget"}
+            out["skipped_parts"] = ["instrumented timing"]
+    except Overrun as exc:
+        out["interrupted"] = str(exc)
     finally:
         graph_eng.close()
-    return out, ar.outputs
+    return out, (ar.outputs if ar is not None else None)
 
 
 def check_distributed(args, prompts: list[list[int]], reference: dict[int, list[list[int]]], checks: Checks,
@@ -482,6 +539,9 @@ def check_distributed(args, prompts: list[list[int]], reference: dict[int, list[
             warm(eng, prompts)
             ar = decode(eng, "ar", prompts, args.new_tokens)
             dex = decode(eng, "dex", prompts, args.new_tokens)
+        except Overrun as exc:
+            out["by_k"][str(K)] = {"skipped": f"interrupted: {exc}"}
+            continue
         finally:
             eng.close()
         # ar's tokens do not depend on K: any K's reference-executor run will do
@@ -500,7 +560,7 @@ def check_distributed(args, prompts: list[list[int]], reference: dict[int, list[
 
 def table(doc: dict) -> str:
     lines = [f"## GPU check: {doc['environment'].get('gpus', ['cpu'])[0]} — "
-             f"{'PASSED' if doc['passed'] else 'FAILED'}{'' if doc['complete'] else ' (incomplete: parts skipped)'}",
+             f"{('PASSED' if doc['complete'] else 'INCOMPLETE (no failure, parts skipped)') if doc['passed'] else 'FAILED'}",
              "", f"{doc['workload']['prompts']} prompts x {doc['workload']['new_tokens']} tokens, W={doc['workload']['width']}, "
              f"torch {doc['environment']['torch']}, {doc['seconds']:.1f} s"
              + (f"; Hugging Face generate greedy: {doc['hf_generate']['tokens_per_s']} tok/s" if "hf_generate" in doc else ""),
@@ -508,8 +568,8 @@ def table(doc: dict) -> str:
              "| K | mode | tok/s | RPT | ms/round | host us/round | step us per explorer | == ar | graph == eager | ar == HF |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for K, r in doc["by_k"].items():
-        if "skipped" in r:
-            lines.append(f"| {K} | (skipped: {r['skipped']}) | | | | | | | | |")
+        if "skipped" in r or "equality" not in r or "timing" not in r:
+            lines.append(f"| {K} | (skipped: {r.get('skipped') or r.get('interrupted')}) | | | | | | | | |")
             continue
         eq, tm = r["equality"], r["timing"]
         ge = eq["graph_vs_eager"]
@@ -527,6 +587,9 @@ def table(doc: dict) -> str:
             kind = "graph" if "graph" in iso else "eager"
             lines.append(f"| {K} | isolated step ({kind}, span {iso['span']}) | | | | | "
                          f"{', '.join(f'{x:.0f}' for x in iso[kind])} | | | |")
+            if "replay_only" in iso:
+                lines.append(f"| {K} | graph replay only (span {iso['span']}) | | | | | "
+                             f"{', '.join(f'{x:.0f}' for x in iso['replay_only'])} | | | |")
     dist = doc.get("distributed", {})
     if dist.get("by_k"):
         lines += ["", f"Distributed executor ({dist['backend']}):", "",
@@ -558,12 +621,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help=f"tokens per prompt (default {NEW_TOKENS}, dry {DRY_NEW_TOKENS})")
     p.add_argument("--width", type=int, default=8, help="W, rows per explorer per round")
     p.add_argument("--out", default=None, help="JSON path (default worker/benchmarks/results/gpu-check[-dry].json)")
-    p.add_argument("--time-budget", type=float, default=420.0,
-                   help="seconds; parts that would start past it are skipped and recorded (default 420)")
+    p.add_argument("--time-budget", type=float, default=390.0,
+                   help="seconds; parts that would start past it are skipped and recorded, a running part is cut "
+                        "short 30 s past it (default 390: the whole check stays under 8 minutes)")
     p.add_argument("--dry", action="store_true", help="tiny workload, for CPU and the test suite")
     p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="auto: NCCL when more than one GPU is visible; in --dry also on CPU (gloo, K=min)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate comparison")
+    p.add_argument("--grace", type=float, default=30.0, help=argparse.SUPPRESS)  # seconds past the budget before a part is cut
     p.add_argument("--inject-mismatch", action="store_true", help=argparse.SUPPRESS)  # tests: flip one dex token
     args = p.parse_args(argv)
     args.limit = args.limit or (DRY_LIMIT if args.dry else LIMIT)
@@ -576,8 +641,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BUDGET
     args = parse_args(argv)
-    budget = Budget(args.time_budget)
+    budget = BUDGET = Budget(args.time_budget, args.grace)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: --device cuda but torch sees no CUDA device (use --device cpu --dry for the dry mode)",
               file=sys.stderr)
@@ -613,8 +679,13 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"K={K}")
             continue
         t0 = time.perf_counter()
-        doc["by_k"][str(K)], ar_ref[K] = check_k(args, K, prompts, checks, budget, hf)
+        doc["by_k"][str(K)], ref = check_k(args, K, prompts, checks, budget, hf)
         doc["by_k"][str(K)]["seconds"] = round(time.perf_counter() - t0, 2)
+        if ref is not None:
+            ar_ref[K] = ref
+        if "interrupted" in doc["by_k"][str(K)]:
+            skipped.append(f"K={K} (interrupted)")
+        skipped += [f"K={K} {part}" for part in doc["by_k"][str(K)].get("skipped_parts", [])]
     if hf is not None:
         hf["model"] = None
 
@@ -629,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["distributed"] = check_distributed(args, prompts, ar_ref, checks, budget)
         skipped += [f"distributed K={K}" for K, r in doc["distributed"]["by_k"].items() if "skipped" in r]
 
+    doc["definitions"] = DEFINITIONS
     doc["imports"] = import_report()
     checks.add("engine path runs from the source tree", doc["imports"]["from_source_tree"])
     checks.add("no redis/grpc/opentelemetry/test modules imported", not doc["imports"]["forbidden_loaded"],
@@ -641,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
     print(f"\nwrote {out}")
-    return 0 if doc["passed"] else 1
+    return 1 if not doc["passed"] else (0 if doc["complete"] else 3)
 
 
 if __name__ == "__main__":
