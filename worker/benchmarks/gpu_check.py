@@ -372,6 +372,8 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int, device: str) 
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
     outs, seconds = [], 0.0
     with torch.no_grad():
+        model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)  # warm-up (CUDA context, kernels), not timed
         for ids in prompts:
             x = torch.tensor([ids], device=device)
             sync(torch.device(device))
@@ -422,7 +424,10 @@ def environment(args) -> dict:
     if cuda:
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["cudnn"] = torch.backends.cudnn.version()
-        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        try:
+            env["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        except Exception:  # newer torch: fp32_precision replaces allow_tf32
+            env["tf32_matmul"] = str(getattr(torch.backends.cuda.matmul, "fp32_precision", "unknown"))
     return env
 
 
@@ -434,7 +439,7 @@ def import_report() -> dict:
     loaded = sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN))
     return {"dexserve_init": dexserve.__file__, "engine_module": eng_mod.__file__,
             "from_source_tree": eng_mod.__file__.startswith(root) and dexserve.__file__.startswith(root),
-            "editable_finder_active": any("editable" in type(f).__name__.lower() or "editable" in getattr(f, "__name__", "").lower()
+            "editable_finder_active": any("editable" in getattr(f, "__name__", type(f).__name__).lower()
                                           for f in sys.meta_path),
             "forbidden_loaded": loaded}
 
@@ -477,7 +482,8 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
         d_ar = first_diff(ar.outputs, eager_ar.outputs)
         same_rounds = dex.readouts == eager.readouts
         mismatch_round = None if same_rounds else next(
-            (i for i, (a, b) in enumerate(zip(dex.readouts, eager.readouts)) if a != b), min(len(dex.readouts), len(eager.readouts)))
+            (i for i, (a, b) in enumerate(zip(dex.readouts, eager.readouts)) if a != b),
+            min(len(dex.readouts), len(eager.readouts)))
         eq["graph_vs_eager"] = {"graphs": cuda, "dex_tokens_equal": d is None, "ar_tokens_equal": d_ar is None,
                                 "first_diff": d or d_ar, "readouts_identical": same_rounds,
                                 "first_readout_mismatch_round": mismatch_round, "rounds": len(dex.readouts),
@@ -559,13 +565,14 @@ def check_distributed(args, prompts: list[list[int]], reference: dict[int, list[
 
 
 def table(doc: dict) -> str:
-    lines = [f"## GPU check: {doc['environment'].get('gpus', ['cpu'])[0]} — "
-             f"{('PASSED' if doc['complete'] else 'INCOMPLETE (no failure, parts skipped)') if doc['passed'] else 'FAILED'}",
-             "", f"{doc['workload']['prompts']} prompts x {doc['workload']['new_tokens']} tokens, W={doc['workload']['width']}, "
-             f"torch {doc['environment']['torch']}, {doc['seconds']:.1f} s"
-             + (f"; Hugging Face generate greedy: {doc['hf_generate']['tokens_per_s']} tok/s" if "hf_generate" in doc else ""),
-             "",
-             "| K | mode | tok/s | RPT | ms/round | host us/round | step us per explorer | == ar | graph == eager | ar == HF |",
+    verdict = ("PASSED" if doc["complete"] else "INCOMPLETE (no failure, parts skipped)") if doc["passed"] else "FAILED"
+    w = doc["workload"]
+    hf_line = f"; Hugging Face generate greedy: {doc['hf_generate']['tokens_per_s']} tok/s" if "hf_generate" in doc else ""
+    lines = [f"## GPU check: {doc['environment'].get('gpus', ['cpu'])[0]} — {verdict}", "",
+             f"{w['prompts']} prompts x {w['new_tokens']} tokens, W={w['width']}, "
+             f"torch {doc['environment']['torch']}, {doc['seconds']:.1f} s{hf_line}", "",
+             "| K | mode | tok/s | RPT | ms/round | host us/round | step us per explorer | == ar "
+             "| graph == eager | ar == HF |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for K, r in doc["by_k"].items():
         if "skipped" in r or "equality" not in r or "timing" not in r:
@@ -577,7 +584,9 @@ def table(doc: dict) -> str:
         for mode, t in tm.items():
             if not isinstance(t, dict) or "mode" not in t:
                 continue
-            same = "ref" if mode == "ar" else ("" if mode == "dex_eager" else eq["modes"].get(t["mode"], {}).get("equal_to_ar"))
+            same = "ref" if mode == "ar" else eq["modes"].get(t["mode"], {}).get("equal_to_ar", "")
+            if mode == "dex_eager":
+                same = ""
             g = {"ar": ge["ar_tokens_equal"], "dex": ge["dex_tokens_equal"]}.get(mode, "")
             steps = ", ".join(f"{x:.0f}" for x in t.get("step_us_per_explorer", []) if x is not None)
             lines.append(f"| {K} | {mode} | {t['tokens_per_s']} | {t['rpt']} | {t['ms_per_round']:.3f} | "
@@ -618,7 +627,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--explorers", type=int, nargs="+", default=[2, 4, 8], help="values of K (default 2 4 8)")
     p.add_argument("--limit", type=int, default=None, help=f"held-out prompts (default {LIMIT}, dry {DRY_LIMIT})")
-    p.add_argument("--new-tokens", type=int, default=None, help=f"tokens per prompt (default {NEW_TOKENS}, dry {DRY_NEW_TOKENS})")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help=f"tokens per prompt (default {NEW_TOKENS}, dry {DRY_NEW_TOKENS})")
     p.add_argument("--width", type=int, default=8, help="W, rows per explorer per round")
     p.add_argument("--out", default=None, help="JSON path (default worker/benchmarks/results/gpu-check[-dry].json)")
     p.add_argument("--time-budget", type=float, default=390.0,
@@ -627,8 +637,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry", action="store_true", help="tiny workload, for CPU and the test suite")
     p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="auto: NCCL when more than one GPU is visible; in --dry also on CPU (gloo, K=min)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in this process (default: 1 on CPU, torch's default with CUDA)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate comparison")
-    p.add_argument("--grace", type=float, default=30.0, help=argparse.SUPPRESS)  # seconds past the budget before a part is cut
+    # seconds past the budget before a running part is cut short
+    p.add_argument("--grace", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--inject-mismatch", action="store_true", help=argparse.SUPPRESS)  # tests: flip one dex token
     args = p.parse_args(argv)
     args.limit = args.limit or (DRY_LIMIT if args.dry else LIMIT)
@@ -636,7 +649,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.timed_prompts = 1 if args.dry else 5
     args.repeats = 5 if args.dry else 200
     args.estimate_s = 5.0 if args.dry else 30.0  # a part is started only with this much budget left
-    args.out = args.out or str(ROOT / "worker" / "benchmarks" / "results" / ("gpu-check-dry.json" if args.dry else "gpu-check.json"))
+    name = "gpu-check-dry.json" if args.dry else "gpu-check.json"
+    args.out = args.out or str(ROOT / "worker" / "benchmarks" / "results" / name)
     return args
 
 
@@ -648,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: --device cuda but torch sees no CUDA device (use --device cpu --dry for the dry mode)",
               file=sys.stderr)
         return 2
-    if not args.device.startswith("cuda"):
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if args.threads or not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads or 1)
     checks = Checks()
     doc: dict = {"tool": "worker/benchmarks/gpu_check.py", "argv": sys.argv[1:], "dry": args.dry,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(args)}
