@@ -52,7 +52,7 @@ def test_collapse_keeps_exactly_the_matching_subtree_and_reuses_it() -> None:
         subtree_of = {c.token: {n.id for n in c.subtree()} for c in anchor.children.values()}
         plan = lat.plan()
         ran = {row.node for rows in plan.rows for row in rows}
-        rec = lat.advance(m.run(plan))
+        rec = lat.absorb(m.run(plan))
         lat.check_invariants()
         if not rec.commits:
             continue
@@ -86,7 +86,7 @@ def test_kept_nodes_never_rerun_a_segment() -> None:
             for row in rows:
                 assert (row.node, seg) not in seen, "a segment was recomputed"
                 seen.add((row.node, seg))
-        lat.advance(m.run(plan))
+        lat.absorb(m.run(plan))
         lat.check_invariants()
 
 
@@ -120,7 +120,7 @@ def test_causal_violation_is_detected() -> None:
     lat = make(3)
     lat.add_request("a", 0, token=1, position=0)
     for _ in range(3):
-        lat.advance(m.run(lat.plan()))
+        lat.absorb(m.run(lat.plan()))
     child = next(iter(lat.requests["a"].anchor.children.values()))
     child.done = child.parent.done  # corrupt: child as deep as its parent
     with pytest.raises(LatticeError, match="causal"):
@@ -132,7 +132,7 @@ def test_readout_must_match_plan() -> None:
     lat.add_request("a", 0, token=1, position=0)
     lat.plan()
     with pytest.raises(LatticeError):
-        lat.advance(Readout(((), ())))
+        lat.absorb(Readout(((), ())))
 
 
 def test_no_node_past_the_context() -> None:

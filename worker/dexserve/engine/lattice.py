@@ -4,7 +4,8 @@ Pure Python: nodes, spawn, commit, collapse and slots. It knows nothing of
 tensors, queues or RPCs. Each round it emits a `Plan` (which node runs on which
 explorer, in which buffer slot, seeing which ancestors; which finished nodes
 to retire into the committed context), and after the explorers ran it
-consumes their `Readout` and returns the `RoundRecord`.
+absorbs their `Readout` (expand, commit, collapse) and returns the
+`RoundRecord`: a round is `plan()`, the explorers' run, then `absorb()`.
 
 Decisions it makes, and why:
 - Only the final-depth token of the anchor is ever committed; a speculative
@@ -170,8 +171,30 @@ class Lattice:
     def live_nodes(self) -> int:
         return len(self.nodes)
 
-    # ---- one round ------------------------------------------------------
+    # ---- one round: plan, (explorers run), absorb -----------------------
+    #
+    # A round has two phases with one boundary between them:
+    #
+    #   plan()          -> Plan         which node runs where (scheduling)
+    #   [explorers run the Plan]
+    #   absorb(Readout) -> RoundRecord  expand, commit, collapse (the state change)
+    #
+    # `plan` only reads the lattice and writes nothing but the issued plan, so
+    # everything it decides is a function of the state `absorb` left behind;
+    # `absorb` only consumes the plan it is given back and the readouts. That
+    # is the seam where planning of round t+1 can later be overlapped with the
+    # explorers' run of round t.
+
     def plan(self) -> Plan:
+        """Phase 2 of a round: choose the rows of the next round.
+
+        Reads: the live nodes (`done`, `parent`, `children`, `last_run`,
+        `created`), the learned acceptance model (priority scores) and the
+        per-explorer widths. Writes: the issued plan (`_plan`, handed back to
+        `absorb`) and hands the pending retires (`_pending_retire`, slots of
+        nodes committed by the last `absorb`) to that plan. It mutates no node,
+        spawns nothing, commits nothing and learns nothing.
+        """
         K = self.config.explorers
         scores = self._scores()
         eligible: list[list[Node]] = [[] for _ in range(K)]
@@ -190,10 +213,25 @@ class Lattice:
         self._pending_retire = []
         return self._plan
 
-    def advance(self, readout: Readout) -> RoundRecord:
+    def absorb(self, readout: Readout) -> RoundRecord:
+        """Phase 1 of a round: consume the explorers' readouts for the issued plan.
+
+        In this order (DEX.md, "One round"): mark every planned node one segment
+        further; commit the final-depth token of each anchor that finished
+        segment K and collapse its children to the one carrying it (or start a
+        fallback node), learning acceptance from the outcome; then expand the
+        survivors that finished a segment k < K with their boundary-k
+        candidate(s), as far as the spawn policy and the slots allow.
+
+        Reads: the plan issued by `plan()` and `readout` (per explorer, per
+        row, ranked candidates). Writes: node state (`done`, `last_run`,
+        readouts, children), anchors, the slot free list, the acceptance model,
+        the pending retires for the next plan and the round counter. Returns the
+        round's record. Nothing in here depends on the next plan.
+        """
         plan = self._plan
         if plan is None:
-            raise LatticeError("advance() without plan()")
+            raise LatticeError("absorb() without plan()")
         self._plan = None
         K = self.config.explorers
         if len(readout.candidates) != K or any(len(c) != len(r) for c, r in zip(readout.candidates, plan.rows)):
