@@ -70,7 +70,8 @@ class Node:
     created: int               # round it was created in
     done: int = 0              # segments finished
     children: dict[int, "Node"] = field(default_factory=dict)
-    proposed: set[int] = field(default_factory=set)   # tokens its boundaries proposed (DECS)
+    proposed: set[int] = field(default_factory=set)   # tokens its boundaries spawned as children (DECS)
+    readouts: list[tuple[int, ...]] = field(default_factory=list)  # ranked candidates at depths 1..done
     last_run: int = -1
     alive: bool = True
 
@@ -123,18 +124,56 @@ class Readout:
 
 
 class AcceptanceModel:
-    """Online estimate of P(a child spawned at boundary j carries the committed token)."""
+    """Online estimate of P(the token committed after node n is t), from n's
+    deepest readout so far: by that readout's depth d (1..K-1) and the rank r
+    of t in it (0 = the top-1 "first guess", 1 = the next distinct token, the
+    DECS "second guess", ...; `miss` = t is not among the ranked candidates).
 
-    def __init__(self, explorers: int, prior_hits: float = 1.0, prior_total: float = 2.0) -> None:
-        self.hits = [prior_hits] * (explorers + 1)
-        self.total = [prior_total] * (explorers + 1)
+    Learned online from the commits: when an anchor commits y, each of its
+    readouts (one per depth) scores every rank it lists (hit iff that
+    candidate is y), and each child token missing from a readout scores the
+    `miss` bucket of that depth. A child whose token is confirmed by a deeper
+    readout of its parent rises to that depth's first-guess rate; one the
+    deeper readout disowns falls.
+    """
 
-    def rate(self, boundary: int) -> float:
-        return self.hits[boundary] / self.total[boundary]
+    def __init__(self, explorers: int, ranks: int | None = None, prior_total: float = 2.0) -> None:
+        self.ranks = max(2, ranks if ranks is not None else explorers - 1)
+        self.miss = self.ranks                       # bucket index for "not in the readout"
+        rows = explorers + 1
+        # priors: top-1 1/2, rank r 1/(2(r+1)), miss 1/20: weak, overridden after a few commits
+        self.hits = [[prior_total / (2 * (r + 1)) for r in range(self.ranks)] + [prior_total / 20]
+                     for _ in range(rows)]
+        self.total = [[prior_total] * (self.ranks + 1) for _ in range(rows)]
 
-    def observe(self, boundary: int, hit: bool) -> None:
-        self.total[boundary] += 1
-        self.hits[boundary] += 1 if hit else 0
+    def rank(self, readout: tuple[int, ...], token: int) -> int:
+        for r, t in enumerate(readout[: self.ranks]):
+            if t == token:
+                return r
+        return self.miss
+
+    def rate(self, depth: int, rank: int) -> float:
+        return self.hits[depth][rank] / self.total[depth][rank]
+
+    def observe(self, depth: int, rank: int, hit: bool) -> None:
+        self.total[depth][rank] += 1
+        self.hits[depth][rank] += 1 if hit else 0
+
+    def observe_commit(self, node: "Node", token: int) -> None:
+        """`node` finished every segment and its final-depth token is `token`."""
+        for depth, readout in enumerate(node.readouts, start=1):
+            for r, t in enumerate(readout[: self.ranks]):
+                self.observe(depth, r, t == token)
+            for child in node.children:
+                if child not in readout[: self.ranks]:
+                    self.observe(depth, self.miss, child == token)
+
+    def child_rate(self, parent: "Node", token: int) -> float:
+        """P(token is the token committed after `parent`), from parent's deepest readout."""
+        if not parent.readouts:
+            return self.rate(0, self.miss)
+        readout = parent.readouts[-1]
+        return self.rate(len(parent.readouts), self.rank(readout, token))
 
 
 class Lattice:
@@ -246,6 +285,8 @@ class Lattice:
                     raise LatticeError(f"planned node {row.node} changed before its readout")
                 n.done = seg + 1
                 n.last_run = self.round
+                if n.done < K:
+                    n.readouts.append(tuple(cand))
                 ran.append((n, seg + 1, cand))
                 rec.append(RowRecord(n.request.request_id, n.id, n.position, n.slot, cand[0]))
             explorers_rec.append(tuple(rec))
@@ -263,8 +304,8 @@ class Lattice:
             y = cand[0]
             keep = n.children.get(y)
             dropped = 0
+            self.acceptance.observe_commit(n, y)
             for child in list(n.children.values()):
-                self.acceptance.observe(child.boundary, child is keep)
                 if child is not keep:
                     dropped_nodes = list(child.subtree())
                     dropped += len(dropped_nodes)
@@ -286,13 +327,16 @@ class Lattice:
 
         # 2. expand the survivors
         spawns: list[SpawnRecord] = []
+        scores: dict[int, float] | None = None   # computed on the first spawn that needs it
         for n, depth, cand in ran:
             if depth == K or not n.alive:
                 continue
             token = self._proposal(n, depth, cand)
             if token is None:
                 continue
-            child = self._spawn(n, token, depth)
+            if scores is None:
+                scores = self._scores()
+            child = self._spawn(n, token, depth, scores)
             if child is not None:
                 spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
 
@@ -306,31 +350,33 @@ class Lattice:
         if boundary not in self.config.spawn_boundaries or n.position + 1 >= self.config.max_context:
             return None
         if self.config.decs:
+            # the best token this node has not spawned yet (a token an earlier
+            # boundary read out but could not place is proposed again here)
             for tok in cand:
                 if tok not in n.proposed:
-                    n.proposed.add(tok)
                     return tok
             return None
         tok = cand[0]
         n.proposed.add(tok)
         return None if tok in n.children else tok
 
-    def _spawn(self, parent: Node, token: int, boundary: int) -> Node | None:
+    def _spawn(self, parent: Node, token: int, boundary: int, scores: dict[int, float]) -> Node | None:
         if token in parent.children:
             return None
-        if not self.free_slots and not self._evict_for(parent, boundary):
+        want = scores.get(parent.id, 0.0) * self.acceptance.child_rate(parent, token)
+        if not self.free_slots and not self._evict_for(parent, want, scores):
             return None
         child = self._new_node(parent.request, token, parent.position + 1, parent, boundary)
         parent.children[token] = child
+        parent.proposed.add(token)
+        scores[child.id] = want
         return child
 
-    def _evict_for(self, parent: Node, boundary: int) -> bool:
+    def _evict_for(self, parent: Node, want: float, scores: dict[int, float]) -> bool:
         """Priority policy: free the slot of the least likely leaf if the new
-        child is more likely to be on the committed path."""
+        child (chance `want`) is more likely to be on the committed path."""
         if self.config.policy != "priority":
             return False
-        scores = self._scores()
-        want = scores.get(parent.id, 0.0) * self.acceptance.rate(boundary)
         leaves = [n for n in self.nodes.values()
                   if not n.children and n.parent is not None and n is not n.request.anchor]
         if not leaves:
@@ -377,7 +423,7 @@ class Lattice:
                 n, s = stack.pop()
                 scores[n.id] = s
                 for c in n.children.values():
-                    stack.append((c, s * self.acceptance.rate(c.boundary)))
+                    stack.append((c, s * self.acceptance.child_rate(n, c.token)))
         return scores
 
     def _rank(self, nodes: list[Node], scores: dict[int, float]) -> list[Node]:
