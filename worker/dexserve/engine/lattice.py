@@ -23,6 +23,7 @@ Decisions it makes, and why:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
@@ -176,6 +177,27 @@ class AcceptanceModel:
         return self.rate(len(parent.readouts), self.rank(readout, token))
 
 
+class _RowBudget:
+    """The W rows of the first explorer as the spawn policy sees them: the
+    scores of the W most likely nodes due at segment 1."""
+
+    def __init__(self, width: int, scores: Iterable[float]) -> None:
+        self.width = width
+        self.top: list[float] = []
+        for s in scores:
+            self.add(s)
+
+    def add(self, score: float) -> None:
+        if len(self.top) < self.width:
+            heapq.heappush(self.top, score)
+        elif score > self.top[0]:
+            heapq.heapreplace(self.top, score)
+
+    def has_room(self, score: float) -> bool:
+        """Would a node of this score get one of the W rows?"""
+        return len(self.top) < self.width or score > self.top[0]
+
+
 class Lattice:
     def __init__(self, config: LatticeConfig) -> None:
         self.config = config
@@ -244,10 +266,18 @@ class Lattice:
             if n.parent is not None and n.parent.alive and n.parent.done <= seg:
                 continue  # causal: parent has not finished this segment yet
             eligible[seg].append(n)
-        rows: list[tuple[PlanRow, ...]] = []
-        for seg in range(K):
-            chosen = self._rank(eligible[seg], scores)[: self.config.widths[seg]]
-            rows.append(tuple(self._row(n) for n in chosen))
+        # deepest explorer first: a node whose parent is exactly one segment
+        # ahead runs only if its parent runs too, so every ancestor stays at
+        # least one segment ahead (with unequal widths a parent can lose its row
+        # while its child wins one; the child could not go further anyway)
+        rows: list[tuple[PlanRow, ...]] = [()] * K
+        running: set[int] = set()
+        for seg in reversed(range(K)):
+            ready = [n for n in eligible[seg]
+                     if n.parent is None or n.parent.done > seg + 1 or n.parent.id in running]
+            chosen = self._rank(ready, scores)[: self.config.widths[seg]]
+            running.update(n.id for n in chosen)
+            rows[seg] = tuple(self._row(n) for n in chosen)
         self._plan = Plan(self.round, tuple(rows), tuple(self._pending_retire))
         self._pending_retire = []
         return self._plan
@@ -325,20 +355,28 @@ class Lattice:
             commits.append(CommitRecord(req.request_id, n.position + 1, y, boundary, req.anchor.id))
             collapses.append(CollapseRecord(req.request_id, n.position + 1, kept, dropped))
 
-        # 2. expand the survivors
-        spawns: list[SpawnRecord] = []
-        scores: dict[int, float] | None = None   # computed on the first spawn that needs it
+        # 2. expand the survivors, the most valuable proposal first
+        proposals = []
         for n, depth, cand in ran:
             if depth == K or not n.alive:
                 continue
             token = self._proposal(n, depth, cand)
-            if token is None:
-                continue
-            if scores is None:
-                scores = self._scores()
-            child = self._spawn(n, token, depth, scores)
-            if child is not None:
-                spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
+            if token is not None:
+                proposals.append((n, depth, token, token != cand[0]))
+        spawns: list[SpawnRecord] = []
+        if proposals:
+            scores = self._scores()
+            if self.config.policy == "priority":
+                proposals.sort(key=lambda p: -scores.get(p[0].id, 0.0) * self.acceptance.child_rate(p[0], p[2]))
+            budget = _RowBudget(self.config.widths[0], (scores.get(n.id, 0.0) for n in self.nodes.values()
+                                                        if n.done == 0))
+            for n, depth, token, second in proposals:
+                if not n.alive:
+                    continue  # evicted for a more likely spawn of this round
+                child = self._spawn(n, token, depth, scores, budget if second else None)
+                if child is not None:
+                    budget.add(scores[child.id])
+                    spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
 
         self.round += 1
         return RoundRecord(round=plan.round, explorers=tuple(explorers_rec), spawns=tuple(spawns),
@@ -360,10 +398,16 @@ class Lattice:
         n.proposed.add(tok)
         return None if tok in n.children else tok
 
-    def _spawn(self, parent: Node, token: int, boundary: int, scores: dict[int, float]) -> Node | None:
+    def _spawn(self, parent: Node, token: int, boundary: int, scores: dict[int, float],
+               budget: "_RowBudget | None" = None) -> Node | None:
+        """Spawn `token` under `parent`. A DECS second guess comes with the
+        first explorer's row `budget`: under the priority policy it is declined
+        when the rows are taken by nodes at least as likely to be committed."""
         if token in parent.children:
             return None
         want = scores.get(parent.id, 0.0) * self.acceptance.child_rate(parent, token)
+        if budget is not None and self.config.policy == "priority" and not budget.has_room(want):
+            return None
         if not self.free_slots and not self._evict_for(parent, want, scores):
             return None
         child = self._new_node(parent.request, token, parent.position + 1, parent, boundary)
