@@ -68,16 +68,35 @@ def measure(model: str | None, K: int, widths: list[int], prompts: list[str], ma
     return row
 
 
+def merge(old: dict, new: dict) -> dict:
+    """`new`'s measurements added to `old`'s (a partial rerun, e.g. the widest W on fewer prompts);
+    each K keeps the config it was measured under."""
+    by_k = {row["explorers"]: row for row in old["results"]}
+    for row in new["results"]:
+        row["config"] = new["config"]
+        if row["explorers"] in by_k:
+            base = by_k[row["explorers"]]
+            for W, cell in row["widths"].items():
+                # measured on other prompts: carries its own config and oracle
+                cell["config"], cell["ead-oracle"] = new["config"], row["ead-oracle"]
+                base["widths"][W] = cell
+        else:
+            by_k[row["explorers"]] = row
+    return {"config": old["config"], "results": [by_k[k] for k in sorted(by_k)]}
+
+
 def format_table(doc: dict) -> str:
     c = doc["config"]
     lines = [f"RPT vs width W (model {c['model']}, {c['prompts']} prompts, {c['max_new_tokens']} new tokens, "
              f"greedy, policy {c['policy']})", "",
              "| K | W | dex | dex-nodecs | EAD oracle | dex / oracle |", "|---|---|---|---|---|---|"]
     for row in doc["results"]:
-        oracle = row["ead-oracle"]["rpt"]
         for W, cell in row["widths"].items():
+            oracle = cell.get("ead-oracle", row["ead-oracle"])["rpt"]
             dex, nodecs = cell["dex"]["rpt"], cell["dex-nodecs"]["rpt"]
-            lines.append(f"| {row['explorers']} | {W} | {dex} | {nodecs} | {oracle} | {dex / oracle:.3f} |")
+            cfg = cell.get("config") or row.get("config")
+            note = f" ({cfg['prompts']} prompts)" if cfg else ""
+            lines.append(f"| {row['explorers']} | {W}{note} | {dex} | {nodecs} | {oracle} | {dex / oracle:.3f} |")
     return "\n".join(lines)
 
 
@@ -91,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the JSON here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the results already in --out (same K: widths added or replaced)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     card, prompts = prompts_from_args(args)
@@ -98,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     for K in (int(k) for k in args.explorers.split(",")):
         widths = [int(w) for w in args.widths.split(",")] if args.widths else widths_for(K, args.max_width)
         results.append(measure(args.model, K, widths, prompts, args.max_new_tokens, args.policy))
-    doc = {"config": {"model": card.name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                      "threads": args.threads, "policy": args.policy, "executor": "reference"},
-           "results": results}
+    config = {"model": card.name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "threads": args.threads, "policy": args.policy, "executor": "reference",
+              "command": " ".join(["worker/benchmarks/rpt_vs_width.py"] + (argv if argv is not None else sys.argv[1:]))}
+    doc = {"config": config, "results": results}
+    if args.append and args.out and Path(args.out).exists():
+        doc = merge(json.loads(Path(args.out).read_text()), doc)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
