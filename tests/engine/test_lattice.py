@@ -251,7 +251,6 @@ def test_budget_takes_a_second_guess_worth_its_row() -> None:
     plain = make(K, W=1, slots=K + 1, decs=False)
     plain.add_request("a", 0, token=3, position=0)
     _, plain_records = drive(plain, m, {"a": 40})
-    _, _, _ = _second_guess_spawns(K, W=1, second_right=True)
     dex = make(K, W=1, slots=K + 1)
     dex.add_request("a", 0, token=3, position=0)
     _, dex_records = drive(dex, m, {"a": 40})

@@ -11,14 +11,22 @@ Decisions it makes, and why:
 - Only the final-depth token of the anchor is ever committed; a speculative
   node only changes *when* a token is committed, never *which* (lossless).
 - Causal: a node runs segment k only after its parent finished segment k in an
-  earlier round. A node that cannot run waits; nothing is recomputed.
+  earlier round, and one exactly a segment behind its parent runs only in a
+  round where the parent runs too, so an ancestor is always at least one
+  segment ahead. A node that cannot run waits; nothing is recomputed.
 - When capacity is short (W rows per explorer, N slots), the spawn policy
   decides. `priority` ranks nodes by the estimated chance that they lie on the
-  committed path: the product of per-boundary acceptance rates along the path
-  from the anchor, learned online from the commits themselves. Anchors always
-  come first (their chance is 1), ties go to the node that waited longest.
-  `oldest` runs nodes in creation order and never evicts (the baseline the
-  DEX note warns about).
+  committed path: the product, along the path from the anchor, of each
+  child's chance given its parent. That chance is learned online from the
+  commits per (depth of the parent's deepest readout, rank of the child's
+  token in it): a first guess that deeper boundaries confirm rises, one they
+  disown falls, and a DECS second guess is worth what second guesses at that
+  depth turned out to be worth. Anchors always come first (their chance is 1),
+  ties go to the node that waited longest. Budget-aware spawning: a round's
+  proposals are placed most valuable first, and a DECS second guess is
+  declined when the first explorer's W rows are held by likelier nodes (with
+  rows to spare it is always taken). `oldest` runs nodes in creation order,
+  never evicts and never declines (the baseline the DEX note warns about).
 """
 
 from __future__ import annotations
@@ -247,7 +255,7 @@ class Lattice:
     # explorers' run of round t.
 
     def plan(self) -> Plan:
-        """Phase 2 of a round: choose the rows of the next round.
+        """The planning phase: choose the rows of the next round.
 
         Reads: the live nodes (`done`, `parent`, `children`, `last_run`,
         `created`), the learned acceptance model (priority scores) and the
@@ -283,7 +291,7 @@ class Lattice:
         return self._plan
 
     def absorb(self, readout: Readout) -> RoundRecord:
-        """Phase 1 of a round: consume the explorers' readouts for the issued plan.
+        """The absorbing phase: consume the explorers' readouts for the issued plan.
 
         In this order (DEX.md, "One round"): mark every planned node one segment
         further; commit the final-depth token of each anchor that finished
