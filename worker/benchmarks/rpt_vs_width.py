@@ -10,7 +10,9 @@ at a time; RPT is folded from the engine's round records by the same code as
     .venv/bin/python worker/benchmarks/rpt_vs_width.py \
         --out worker/benchmarks/results/rpt-vs-width.json
 
-prints a markdown table and writes the JSON to --out.
+prints a markdown table and writes the JSON to --out. `--append` merges a
+partial rerun (say the widest W on fewer prompts) into an existing --out; such
+cells carry their own config and oracle, and the table names their prompt count.
 """
 
 from __future__ import annotations
@@ -20,11 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
-
-from dexserve.engine.bench import add_prompt_arguments, prompts_from_args, run_mode
-from dexserve.engine.engine import Engine, EngineConfig
 
 
 def widths_for(K: int, max_width: int | None) -> list[int]:
@@ -41,6 +38,9 @@ def widths_for(K: int, max_width: int | None) -> list[int]:
 
 def measure(model: str | None, K: int, widths: list[int], prompts: list[str], max_new_tokens: int,
             policy: str) -> dict:
+    from dexserve.engine.bench import run_mode
+    from dexserve.engine.engine import Engine, EngineConfig
+
     row: dict = {"explorers": K, "widths": {}}
     ar_outputs = None
     for i, W in enumerate(widths):
@@ -101,6 +101,10 @@ def format_table(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from dexserve.engine.bench import add_prompt_arguments, prompts_from_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_prompt_arguments(p, limit=50)
     p.add_argument("--explorers", default="2,4,8", help="comma-separated K values")
