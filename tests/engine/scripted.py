@@ -69,7 +69,7 @@ def drive(lattice: Lattice, model: ScriptedModel, want: dict[str, int], check=Tr
         plan = lattice.plan()
         for rows, width in zip(plan.rows, lattice.config.widths):
             assert len(rows) <= width
-        rec = lattice.advance(model.run(plan))
+        rec = lattice.absorb(model.run(plan))
         records.append(rec)
         if check:
             lattice.check_invariants()

@@ -52,7 +52,7 @@ def test_collapse_keeps_exactly_the_matching_subtree_and_reuses_it() -> None:
         subtree_of = {c.token: {n.id for n in c.subtree()} for c in anchor.children.values()}
         plan = lat.plan()
         ran = {row.node for rows in plan.rows for row in rows}
-        rec = lat.advance(m.run(plan))
+        rec = lat.absorb(m.run(plan))
         lat.check_invariants()
         if not rec.commits:
             continue
@@ -86,7 +86,7 @@ def test_kept_nodes_never_rerun_a_segment() -> None:
             for row in rows:
                 assert (row.node, seg) not in seen, "a segment was recomputed"
                 seen.add((row.node, seg))
-        lat.advance(m.run(plan))
+        lat.absorb(m.run(plan))
         lat.check_invariants()
 
 
@@ -120,7 +120,7 @@ def test_causal_violation_is_detected() -> None:
     lat = make(3)
     lat.add_request("a", 0, token=1, position=0)
     for _ in range(3):
-        lat.advance(m.run(lat.plan()))
+        lat.absorb(m.run(lat.plan()))
     child = next(iter(lat.requests["a"].anchor.children.values()))
     child.done = child.parent.done  # corrupt: child as deep as its parent
     with pytest.raises(LatticeError, match="causal"):
@@ -132,7 +132,7 @@ def test_readout_must_match_plan() -> None:
     lat.add_request("a", 0, token=1, position=0)
     lat.plan()
     with pytest.raises(LatticeError):
-        lat.advance(Readout(((), ())))
+        lat.absorb(Readout(((), ())))
 
 
 def test_no_node_past_the_context() -> None:
@@ -189,3 +189,90 @@ def test_lossless_and_invariants_for_any_setting(K, W, extra_slots, decs, policy
     assert max(r.live_nodes for r in records) <= requests + extra_slots
     if requests == 1:
         assert len(records) >= 12  # at most one commit per round per request
+
+
+class _GuessModel(ScriptedModel):
+    """Every boundary reads out the same two candidates for the next token:
+    (y, w) when the first guess is right, (w, y) when only the runner-up is."""
+
+    def __init__(self, explorers: int, second_right: bool) -> None:
+        super().__init__(explorers=explorers, candidates=2)
+        object.__setattr__(self, "second_right", second_right)
+
+    def readout(self, token: int, position: int, depth: int) -> tuple[int, ...]:
+        y = self.next_token(token, position)
+        if depth == self.explorers:
+            return (y,)
+        w = (y + 1) % self.vocab
+        return (w, y) if self.second_right else (y, w)
+
+
+def _second_guess_spawns(K: int, W: int, second_right: bool, commits: int = 40, warmup: int = 10):
+    m = _GuessModel(K, second_right)
+    lat = make(K, W=W, slots=K * W + 1)
+    lat.add_request("a", 0, token=3, position=0)
+    got, records = drive(lat, m, {"a": commits})
+    assert got["a"] == m.autoregressive(3, 0, commits)
+    # skip the rounds before `warmup` commits: the policy has not learned yet
+    seen, start = 0, 0
+    for i, r in enumerate(records):
+        seen += len(r.commits)
+        if seen >= warmup:
+            start = i + 1
+            break
+    late = records[start:]
+    # with DECS, boundary 1 spawns the first guess; every deeper boundary can only add a second guess
+    second = sum(1 for r in late for s in r.spawns if s.boundary >= 2)
+    return lat, second, late
+
+
+def test_budget_declines_a_worthless_second_guess_only_when_rows_bind() -> None:
+    K = 4
+    # the first guess is always right, so a DECS second guess is never committed
+    lat, second, late = _second_guess_spawns(K, W=1, second_right=False)
+    assert lat.acceptance.rate(2, 1) < 0.1 and lat.acceptance.rate(1, 0) > 0.9
+    assert second == 0, "a worthless second guess took one of the W=1 rows"
+    assert sum(len(rows) for r in late for rows in r.explorers) <= K * len(late)
+    # rows to spare: DECS still spends them on second guesses
+    _, second_free, late_free = _second_guess_spawns(K, W=8, second_right=False)
+    assert second_free >= len(late_free)
+
+
+def test_budget_takes_a_second_guess_worth_its_row() -> None:
+    K = 3
+    # only the runner-up is ever right: the second guess (at boundary 2) is the one to run, even at W=1
+    lat, second, late = _second_guess_spawns(K, W=1, second_right=True)
+    assert lat.acceptance.rate(2, 1) > 0.9 and lat.acceptance.rate(1, 0) < 0.1
+    commits = [c for r in late for c in r.commits]
+    assert second > 0
+    assert sum(c.boundary == 2 for c in commits) >= 0.9 * len(commits)
+    # ...which is what makes it faster than decoding without DECS
+    m = _GuessModel(K, True)
+    plain = make(K, W=1, slots=K + 1, decs=False)
+    plain.add_request("a", 0, token=3, position=0)
+    _, plain_records = drive(plain, m, {"a": 40})
+    dex = make(K, W=1, slots=K + 1)
+    dex.add_request("a", 0, token=3, position=0)
+    _, dex_records = drive(dex, m, {"a": 40})
+    assert len(dex_records) < len(plain_records)
+
+
+@settings(max_examples=150, deadline=None)
+@given(K=st.integers(2, 8), widths=st.lists(st.integers(1, 12), min_size=8, max_size=8),
+       extra_slots=st.integers(0, 40), decs=st.booleans(), seed=st.integers(0, 10_000),
+       requests=st.integers(1, 3), candidates=st.integers(1, 7),
+       acc=st.lists(st.floats(0, 1), min_size=7, max_size=7))
+def test_budget_aware_policy_stays_equal_to_ar(K, widths, extra_slots, decs, seed, requests, candidates, acc):
+    """Whatever the learned values decide to spawn or decline, the output is ar's."""
+    m = ScriptedModel(explorers=K, accept=tuple(acc[: K - 1]), seed=seed, candidates=candidates)
+    lat = Lattice(LatticeConfig(explorers=K, widths=tuple(widths[:K]), slots=requests + extra_slots,
+                                spawn_boundaries=frozenset(range(1, K)), decs=decs, policy="priority"))
+    want = {}
+    for i in range(requests):
+        lat.add_request(f"r{i}", i, token=seed + i, position=i)
+        want[f"r{i}"] = 20
+    got, records = drive(lat, m, want)
+    for i in range(requests):
+        assert got[f"r{i}"] == m.autoregressive(seed + i, i, 20)
+    assert max(r.live_nodes for r in records) <= requests + extra_slots
+    assert all(len(rows) <= w for r in records for rows, w in zip(r.explorers, widths))

@@ -57,6 +57,14 @@ def main() -> None:
                 lines += [f"| `{name}` | {ms} |" for name, ms in prof.items()]
                 lines += [f"", f"executor {modes['dex']['executor_ms_per_round']} ms/round, lattice state machine "
                           f"{modes['dex']['lattice_ms_per_round']} ms/round, whole round {modes['dex']['ms_per_round']} ms", ""]
+    doc = load("rpt-vs-width.json")
+    if doc:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from rpt_vs_width import format_table
+
+        lines += ["### Rounds per token against the width W", "",
+                  f"`{doc['config'].get('command', 'worker/benchmarks/rpt_vs_width.py')}`", "",
+                  format_table(doc), ""]
     rows = []
     for th in (1, 2):
         doc = load(f"ar-vs-hf-{th}t.json")

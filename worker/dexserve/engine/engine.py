@@ -166,7 +166,7 @@ class DexEngine:
         except ExecutorFailure as exc:
             raise self._recover(exc, []) from exc
         t2 = time.perf_counter()
-        record = self.lattice.advance(readout)
+        record = self.lattice.absorb(readout)
         record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
         self.stats.observe(record)
         result = StepResult(record)

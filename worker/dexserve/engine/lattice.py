@@ -4,24 +4,34 @@ Pure Python: nodes, spawn, commit, collapse and slots. It knows nothing of
 tensors, queues or RPCs. Each round it emits a `Plan` (which node runs on which
 explorer, in which buffer slot, seeing which ancestors; which finished nodes
 to retire into the committed context), and after the explorers ran it
-consumes their `Readout` and returns the `RoundRecord`.
+absorbs their `Readout` (expand, commit, collapse) and returns the
+`RoundRecord`: a round is `plan()`, the explorers' run, then `absorb()`.
 
 Decisions it makes, and why:
 - Only the final-depth token of the anchor is ever committed; a speculative
   node only changes *when* a token is committed, never *which* (lossless).
 - Causal: a node runs segment k only after its parent finished segment k in an
-  earlier round. A node that cannot run waits; nothing is recomputed.
+  earlier round, and one exactly a segment behind its parent runs only in a
+  round where the parent runs too, so an ancestor is always at least one
+  segment ahead. A node that cannot run waits; nothing is recomputed.
 - When capacity is short (W rows per explorer, N slots), the spawn policy
   decides. `priority` ranks nodes by the estimated chance that they lie on the
-  committed path: the product of per-boundary acceptance rates along the path
-  from the anchor, learned online from the commits themselves. Anchors always
-  come first (their chance is 1), ties go to the node that waited longest.
-  `oldest` runs nodes in creation order and never evicts (the baseline the
-  DEX note warns about).
+  committed path: the product, along the path from the anchor, of each
+  child's chance given its parent. That chance is learned online from the
+  commits per (depth of the parent's deepest readout, rank of the child's
+  token in it): a first guess that deeper boundaries confirm rises, one they
+  disown falls, and a DECS second guess is worth what second guesses at that
+  depth turned out to be worth. Anchors always come first (their chance is 1),
+  ties go to the node that waited longest. Budget-aware spawning: a round's
+  proposals are placed most valuable first, and a DECS second guess is
+  declined when the first explorer's W rows are held by likelier nodes (with
+  rows to spare it is always taken). `oldest` runs nodes in creation order,
+  never evicts and never declines (the baseline the DEX note warns about).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
@@ -69,7 +79,8 @@ class Node:
     created: int               # round it was created in
     done: int = 0              # segments finished
     children: dict[int, "Node"] = field(default_factory=dict)
-    proposed: set[int] = field(default_factory=set)   # tokens its boundaries proposed (DECS)
+    proposed: set[int] = field(default_factory=set)   # tokens its boundaries spawned as children (DECS)
+    readouts: list[tuple[int, ...]] = field(default_factory=list)  # ranked candidates at depths 1..done
     last_run: int = -1
     alive: bool = True
 
@@ -122,18 +133,77 @@ class Readout:
 
 
 class AcceptanceModel:
-    """Online estimate of P(a child spawned at boundary j carries the committed token)."""
+    """Online estimate of P(the token committed after node n is t), from n's
+    deepest readout so far: by that readout's depth d (1..K-1) and the rank r
+    of t in it (0 = the top-1 "first guess", 1 = the next distinct token, the
+    DECS "second guess", ...; `miss` = t is not among the ranked candidates).
 
-    def __init__(self, explorers: int, prior_hits: float = 1.0, prior_total: float = 2.0) -> None:
-        self.hits = [prior_hits] * (explorers + 1)
-        self.total = [prior_total] * (explorers + 1)
+    Learned online from the commits: when an anchor commits y, each of its
+    readouts (one per depth) scores every rank it lists (hit iff that
+    candidate is y), and each child token missing from a readout scores the
+    `miss` bucket of that depth. A child whose token is confirmed by a deeper
+    readout of its parent rises to that depth's first-guess rate; one the
+    deeper readout disowns falls.
+    """
 
-    def rate(self, boundary: int) -> float:
-        return self.hits[boundary] / self.total[boundary]
+    def __init__(self, explorers: int, ranks: int | None = None, prior_total: float = 2.0) -> None:
+        self.ranks = max(2, ranks if ranks is not None else explorers - 1)
+        self.miss = self.ranks                       # bucket index for "not in the readout"
+        rows = explorers + 1
+        # priors: top-1 1/2, rank r 1/(2(r+1)), miss 1/20: weak, overridden after a few commits
+        self.hits = [[prior_total / (2 * (r + 1)) for r in range(self.ranks)] + [prior_total / 20]
+                     for _ in range(rows)]
+        self.total = [[prior_total] * (self.ranks + 1) for _ in range(rows)]
 
-    def observe(self, boundary: int, hit: bool) -> None:
-        self.total[boundary] += 1
-        self.hits[boundary] += 1 if hit else 0
+    def rank(self, readout: tuple[int, ...], token: int) -> int:
+        for r, t in enumerate(readout[: self.ranks]):
+            if t == token:
+                return r
+        return self.miss
+
+    def rate(self, depth: int, rank: int) -> float:
+        return self.hits[depth][rank] / self.total[depth][rank]
+
+    def observe(self, depth: int, rank: int, hit: bool) -> None:
+        self.total[depth][rank] += 1
+        self.hits[depth][rank] += 1 if hit else 0
+
+    def observe_commit(self, node: "Node", token: int) -> None:
+        """`node` finished every segment and its final-depth token is `token`."""
+        for depth, readout in enumerate(node.readouts, start=1):
+            for r, t in enumerate(readout[: self.ranks]):
+                self.observe(depth, r, t == token)
+            for child in node.children:
+                if child not in readout[: self.ranks]:
+                    self.observe(depth, self.miss, child == token)
+
+    def child_rate(self, parent: "Node", token: int) -> float:
+        """P(token is the token committed after `parent`), from parent's deepest readout."""
+        if not parent.readouts:
+            return self.rate(0, self.miss)
+        readout = parent.readouts[-1]
+        return self.rate(len(parent.readouts), self.rank(readout, token))
+
+
+class _RowBudget:
+    """The W rows of the first explorer as the spawn policy sees them: the
+    scores of the W most likely nodes due at segment 1."""
+
+    def __init__(self, width: int, scores: Iterable[float]) -> None:
+        self.width = width
+        self.top: list[float] = []
+        for s in scores:
+            self.add(s)
+
+    def add(self, score: float) -> None:
+        if len(self.top) < self.width:
+            heapq.heappush(self.top, score)
+        elif score > self.top[0]:
+            heapq.heapreplace(self.top, score)
+
+    def has_room(self, score: float) -> bool:
+        """Would a node of this score get one of the W rows?"""
+        return len(self.top) < self.width or score > self.top[0]
 
 
 class Lattice:
@@ -170,8 +240,30 @@ class Lattice:
     def live_nodes(self) -> int:
         return len(self.nodes)
 
-    # ---- one round ------------------------------------------------------
+    # ---- one round: plan, (explorers run), absorb -----------------------
+    #
+    # A round has two phases with one boundary between them:
+    #
+    #   plan()          -> Plan         which node runs where (scheduling)
+    #   [explorers run the Plan]
+    #   absorb(Readout) -> RoundRecord  expand, commit, collapse (the state change)
+    #
+    # `plan` only reads the lattice and writes nothing but the issued plan, so
+    # everything it decides is a function of the state `absorb` left behind;
+    # `absorb` only consumes the plan it is given back and the readouts. That
+    # is the seam where planning of round t+1 can later be overlapped with the
+    # explorers' run of round t.
+
     def plan(self) -> Plan:
+        """The planning phase: choose the rows of the next round.
+
+        Reads: the live nodes (`done`, `parent`, `children`, `last_run`,
+        `created`), the learned acceptance model (priority scores) and the
+        per-explorer widths. Writes: the issued plan (`_plan`, handed back to
+        `absorb`) and hands the pending retires (`_pending_retire`, slots of
+        nodes committed by the last `absorb`) to that plan. It mutates no node,
+        spawns nothing, commits nothing and learns nothing.
+        """
         K = self.config.explorers
         scores = self._scores()
         eligible: list[list[Node]] = [[] for _ in range(K)]
@@ -182,18 +274,41 @@ class Lattice:
             if n.parent is not None and n.parent.alive and n.parent.done <= seg:
                 continue  # causal: parent has not finished this segment yet
             eligible[seg].append(n)
-        rows: list[tuple[PlanRow, ...]] = []
-        for seg in range(K):
-            chosen = self._rank(eligible[seg], scores)[: self.config.widths[seg]]
-            rows.append(tuple(self._row(n) for n in chosen))
+        # deepest explorer first: a node whose parent is exactly one segment
+        # ahead runs only if its parent runs too, so every ancestor stays at
+        # least one segment ahead (with unequal widths a parent can lose its row
+        # while its child wins one; the child could not go further anyway)
+        rows: list[tuple[PlanRow, ...]] = [()] * K
+        running: set[int] = set()
+        for seg in reversed(range(K)):
+            ready = [n for n in eligible[seg]
+                     if n.parent is None or n.parent.done > seg + 1 or n.parent.id in running]
+            chosen = self._rank(ready, scores)[: self.config.widths[seg]]
+            running.update(n.id for n in chosen)
+            rows[seg] = tuple(self._row(n) for n in chosen)
         self._plan = Plan(self.round, tuple(rows), tuple(self._pending_retire))
         self._pending_retire = []
         return self._plan
 
-    def advance(self, readout: Readout) -> RoundRecord:
+    def absorb(self, readout: Readout) -> RoundRecord:
+        """The absorbing phase: consume the explorers' readouts for the issued plan.
+
+        In this order (DEX.md, "One round"): mark every planned node one segment
+        further; commit the final-depth token of each anchor that finished
+        segment K and collapse its children to the one carrying it (or start a
+        fallback node), learning acceptance from the outcome; then expand the
+        survivors that finished a segment k < K with their boundary-k
+        candidate(s), as far as the spawn policy and the slots allow.
+
+        Reads: the plan issued by `plan()` and `readout` (per explorer, per
+        row, ranked candidates). Writes: node state (`done`, `last_run`,
+        readouts, children), anchors, the slot free list, the acceptance model,
+        the pending retires for the next plan and the round counter. Returns the
+        round's record. Nothing in here depends on the next plan.
+        """
         plan = self._plan
         if plan is None:
-            raise LatticeError("advance() without plan()")
+            raise LatticeError("absorb() without plan()")
         self._plan = None
         K = self.config.explorers
         if len(readout.candidates) != K or any(len(c) != len(r) for c, r in zip(readout.candidates, plan.rows)):
@@ -208,6 +323,8 @@ class Lattice:
                     raise LatticeError(f"planned node {row.node} changed before its readout")
                 n.done = seg + 1
                 n.last_run = self.round
+                if n.done < K:
+                    n.readouts.append(tuple(cand))
                 ran.append((n, seg + 1, cand))
                 rec.append(RowRecord(n.request.request_id, n.id, n.position, n.slot, cand[0]))
             explorers_rec.append(tuple(rec))
@@ -225,8 +342,8 @@ class Lattice:
             y = cand[0]
             keep = n.children.get(y)
             dropped = 0
+            self.acceptance.observe_commit(n, y)
             for child in list(n.children.values()):
-                self.acceptance.observe(child.boundary, child is keep)
                 if child is not keep:
                     dropped_nodes = list(child.subtree())
                     dropped += len(dropped_nodes)
@@ -246,17 +363,28 @@ class Lattice:
             commits.append(CommitRecord(req.request_id, n.position + 1, y, boundary, req.anchor.id))
             collapses.append(CollapseRecord(req.request_id, n.position + 1, kept, dropped))
 
-        # 2. expand the survivors
-        spawns: list[SpawnRecord] = []
+        # 2. expand the survivors, the most valuable proposal first
+        proposals = []
         for n, depth, cand in ran:
             if depth == K or not n.alive:
                 continue
             token = self._proposal(n, depth, cand)
-            if token is None:
-                continue
-            child = self._spawn(n, token, depth)
-            if child is not None:
-                spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
+            if token is not None:
+                proposals.append((n, depth, token, token != cand[0]))
+        spawns: list[SpawnRecord] = []
+        if proposals:
+            scores = self._scores()
+            if self.config.policy == "priority":
+                proposals.sort(key=lambda p: -scores.get(p[0].id, 0.0) * self.acceptance.child_rate(p[0], p[2]))
+            budget = _RowBudget(self.config.widths[0], (scores.get(n.id, 0.0) for n in self.nodes.values()
+                                                        if n.done == 0))
+            for n, depth, token, second in proposals:
+                if not n.alive:
+                    continue  # evicted for a more likely spawn of this round
+                child = self._spawn(n, token, depth, scores, budget if second else None)
+                if child is not None:
+                    budget.add(scores[child.id])
+                    spawns.append(SpawnRecord(n.request.request_id, n.id, child.id, child.position, token, depth))
 
         self.round += 1
         return RoundRecord(round=plan.round, explorers=tuple(explorers_rec), spawns=tuple(spawns),
@@ -268,31 +396,39 @@ class Lattice:
         if boundary not in self.config.spawn_boundaries or n.position + 1 >= self.config.max_context:
             return None
         if self.config.decs:
+            # the best token this node has not spawned yet (a token an earlier
+            # boundary read out but could not place is proposed again here)
             for tok in cand:
                 if tok not in n.proposed:
-                    n.proposed.add(tok)
                     return tok
             return None
         tok = cand[0]
         n.proposed.add(tok)
         return None if tok in n.children else tok
 
-    def _spawn(self, parent: Node, token: int, boundary: int) -> Node | None:
+    def _spawn(self, parent: Node, token: int, boundary: int, scores: dict[int, float],
+               budget: "_RowBudget | None" = None) -> Node | None:
+        """Spawn `token` under `parent`. A DECS second guess comes with the
+        first explorer's row `budget`: under the priority policy it is declined
+        when the rows are taken by nodes at least as likely to be committed."""
         if token in parent.children:
             return None
-        if not self.free_slots and not self._evict_for(parent, boundary):
+        want = scores.get(parent.id, 0.0) * self.acceptance.child_rate(parent, token)
+        if budget is not None and self.config.policy == "priority" and not budget.has_room(want):
+            return None
+        if not self.free_slots and not self._evict_for(parent, want, scores):
             return None
         child = self._new_node(parent.request, token, parent.position + 1, parent, boundary)
         parent.children[token] = child
+        parent.proposed.add(token)
+        scores[child.id] = want
         return child
 
-    def _evict_for(self, parent: Node, boundary: int) -> bool:
+    def _evict_for(self, parent: Node, want: float, scores: dict[int, float]) -> bool:
         """Priority policy: free the slot of the least likely leaf if the new
-        child is more likely to be on the committed path."""
+        child (chance `want`) is more likely to be on the committed path."""
         if self.config.policy != "priority":
             return False
-        scores = self._scores()
-        want = scores.get(parent.id, 0.0) * self.acceptance.rate(boundary)
         leaves = [n for n in self.nodes.values()
                   if not n.children and n.parent is not None and n is not n.request.anchor]
         if not leaves:
@@ -339,7 +475,7 @@ class Lattice:
                 n, s = stack.pop()
                 scores[n.id] = s
                 for c in n.children.values():
-                    stack.append((c, s * self.acceptance.rate(c.boundary)))
+                    stack.append((c, s * self.acceptance.child_rate(n, c.token)))
         return scores
 
     def _rank(self, nodes: list[Node], scores: dict[int, float]) -> list[Node]:
