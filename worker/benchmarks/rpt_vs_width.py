@@ -38,13 +38,14 @@ def widths_for(K: int, max_width: int | None) -> list[int]:
 
 def measure(model: str | None, K: int, widths: list[int], prompts: list[str], max_new_tokens: int,
             policy: str) -> dict:
-    from dexserve.engine.bench import run_mode
-    from dexserve.engine.engine import Engine, EngineConfig
+    from dexserve.engine.measure import run_mode
+    from dexserve.engine.config import EngineConfig
+    from dexserve.engine.engine import DexEngine
 
     row: dict = {"explorers": K, "widths": {}}
     ar_outputs = None
     for i, W in enumerate(widths):
-        engine = Engine.load(model, EngineConfig(explorers=K, width=W, mode="ar", max_batch=1, policy=policy,
+        engine = DexEngine.load(model, EngineConfig(explorers=K, width=W, mode="ar", max_batch=1, policy=policy,
                                                  max_context=512))
         if i == 0:
             t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def format_table(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from dexserve.engine.bench import add_prompt_arguments, prompts_from_args
+    from dexserve.launch.report import add_prompt_arguments, prompts_from_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_prompt_arguments(p, limit=50)

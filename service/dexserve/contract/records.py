@@ -63,7 +63,7 @@ class RoundRecord:
     wasted_node_segments: int   # segments that had been computed on the nodes dropped this round
     live_nodes: int             # lattice occupancy after the round
     seconds: float = 0.0        # wall time of the executor's part of the round
-    lattice_seconds: float = 0.0  # wall time of plan + advance (the state machine)
+    lattice_seconds: float = 0.0  # wall time of plan + absorb (the state machine)
 
     @property
     def node_segments(self) -> int:
