@@ -19,6 +19,7 @@ from typing import Iterator, Literal
 
 import torch
 
+from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
@@ -124,8 +125,6 @@ class Engine:
         if config.executor == "reference":
             executor: Executor = ReferenceExecutor(card, spec)
         elif config.executor == "distributed":
-            from dexserve.engine.distributed import DistributedExecutor
-
             executor = DistributedExecutor(card, spec, transport=config.transport)
         else:
             raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
