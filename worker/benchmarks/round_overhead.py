@@ -74,7 +74,7 @@ def measure(card: ModelCard, K: int, W: int, executor: str, rounds: int, warm: i
             nonlocal seq
             if not eng.active:
                 seq += 1
-                eng.add(GenerationRequest(f"r{seq}", prompt_ids=(seq % 1000 + 1, 7, 9), max_new_tokens=500,
+                eng.add(GenerationRequest(f"r{seq}", prompt_ids=(seq % 1000 + 1, 7, 9), max_new_tokens=64,
                                           ignore_eos=True))
             t = time.perf_counter()
             res = eng.step()
