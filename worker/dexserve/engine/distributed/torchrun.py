@@ -12,6 +12,7 @@ of the engine flags and cannot disagree with rank 0.
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import timedelta
 
 import torch
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = receive_settings()
     settings.apply()
     rank = dist.get_rank()
+    sp = settings.spec
+    print(f"dex explorer rank {rank} settings: threads={torch.get_num_threads()} compile={sp.compile} "
+          f"cuda_graphs={sp.cuda_graphs} null_step={sp.null_step} device={sp.device} model={settings.model_path}",
+          file=sys.stderr, flush=True)
     transport = CollectiveTransport(rank, dist.get_world_size())
     try:
         run_rank(rank, settings, transport, None)
