@@ -21,7 +21,8 @@ each) at K=2 W=1, K=4 W=8, K=8 W=16, one request at a time, through
   wait       until every explorer answered (their wake-up, read, null step, answer)
   decode     candidates -> `Readout`
   engine     the rest of `Engine.step`: records, stats, detokenization, finish checks
-  (reference: `executor` is its whole `run`, `step` the null steps inside it)
+  step       the null steps themselves (reference: all K, inside `executor`;
+             distributed: the coordinator's, inside `local`)
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def measure(card: ModelCard, K: int, W: int, executor: str, rounds: int, warm: i
             ex.step_seconds = [0.0] * K
         elif hasattr(ex, "phase_seconds"):  # (older executors have no phase timers)
             ex.phase_seconds = [0.0] * len(ex.phase_seconds)
+        if executor != "reference":
+            ex.local.step_seconds = 0.0
         while n < rounds:
             commits += one()
             n += 1
@@ -104,6 +107,8 @@ def measure(card: ModelCard, K: int, W: int, executor: str, rounds: int, warm: i
         from dexserve.engine.distributed.coordinator import PHASES
 
         out.update({f"{p}_us": us(s) for p, s in zip(PHASES, ex.phase_seconds)})
+    if executor != "reference":
+        out["step_us"] = us(ex.local.step_seconds)  # the coordinator's own null steps (inside `local`)
     return out
 
 
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3000)
     p.add_argument("--configs", default=",".join(f"{k}x{w}" for k, w in CONFIGS), help="KxW,...")
     p.add_argument("--executors", default="reference,distributed")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median one is reported "
+                   "(a shared machine has slow spells)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -136,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     for c in args.configs.split(","):
         K, W = (int(x) for x in c.split("x"))
         for ex in args.executors.split(","):
-            runs.append(measure(card, K, W, ex, args.rounds))
+            reps = sorted((measure(card, K, W, ex, args.rounds) for _ in range(args.repeats)),
+                          key=lambda r: r["round_us"])
+            runs.append({**reps[len(reps) // 2], "round_us_repeats": [r["round_us"] for r in reps]})
             print(f"[round_overhead] {ex} K={K} W={W}: {runs[-1]['round_us']} µs/round", file=sys.stderr)
-    doc = {"config": {"model": card.name, "rounds": args.rounds, "max_batch": 1, "threads": 1,
+    doc = {"config": {"model": card.name, "rounds": args.rounds, "repeats": args.repeats, "max_batch": 1, "threads": 1,
                       "transport": "shm"}, "runs": runs}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
