@@ -164,7 +164,9 @@ class SharedMemoryTransport:
         self.sig = shared.sig.numpy()
         self.seq = 0  # the last command sent (coordinator) or taken (explorer)
         self.spin_s = SPIN_S if spin_s is None else spin_s
-        self.crowded = world > (os.cpu_count() or 1)  # spinning would take a core a peer needs
+        # yield the core between polls: on an idle host sched_yield returns at once; on a busy one
+        # (more runnable processes than cores) a pure spin holds the core the answering peer needs
+        self.crowded = os.environ.get("DEX_SPIN_YIELD", "1") == "1" or world > (os.cpu_count() or 1)
         self.DONE, self.SLEEP, self.COORD_SLEEP = 1, 1 + world, 1 + 2 * world
 
     def _spin(self, ready: Callable[[], bool]) -> bool:
