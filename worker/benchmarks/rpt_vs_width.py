@@ -4,7 +4,7 @@ For each K: one `ar` run gives the EAD oracle (it does not depend on W); then
 for each W in K, 2K, 4K, ... up to 2^(K-1) (and at least 2K), `dex` (DECS on)
 and `dex-nodecs` run on the same prompts. One process, one thread, prompts one
 at a time; RPT is folded from the engine's round records by the same code as
-`dex bench` (`dexserve.engine.bench.run_mode`, `RunStats.rpt`,
+`dex bench` (`dexserve.engine.measure.run_mode`, `RunStats.rpt`,
 `dexserve.engine.oracle.ead_oracle`), so it does not depend on timing.
 
     .venv/bin/python worker/benchmarks/rpt_vs_width.py \

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.config import EngineConfig, parse_mode
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
@@ -71,8 +72,11 @@ class DexEngine:
     @classmethod
     def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
         config = config or EngineConfig()
-        if config.threads:
-            torch.set_num_threads(config.threads)   # this process's intra-op threads (explorer processes get theirs)
+        # This process's intra-op threads; the explorer processes get the same. One explorer per core is the
+        # fast path for the distributed executor, so it defaults to one thread per explorer.
+        threads = config.threads or (1 if config.executor == "distributed" else None)
+        if threads:
+            torch.set_num_threads(threads)
         card = ModelCard.load(model_dir)
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
@@ -81,9 +85,7 @@ class DexEngine:
         if config.executor == "reference":
             executor: Executor = ReferenceExecutor(card, spec)
         elif config.executor == "distributed":
-            from dexserve.engine.distributed import DistributedExecutor
-
-            executor = DistributedExecutor(card, spec, threads=config.threads, transport=config.transport)
+            executor = DistributedExecutor(card, spec, threads=threads, transport=config.transport)
         else:
             raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
         return cls(card, config, executor, load_tokenizer(card))

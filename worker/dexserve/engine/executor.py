@@ -35,6 +35,7 @@ class ExecutorSpec:
     dtype: torch.dtype = torch.float32
     compile: bool = False         # torch.compile(fullgraph=True) each step
     cuda_graphs: bool = True      # on CUDA, capture each step once and replay
+    null_step: bool = False       # steps cost nothing (scripted readouts): measures coordination alone
 
     @property
     def explorers(self) -> int:
@@ -160,12 +161,15 @@ def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> Non
 
 
 class RowPacker:
-    """Turns plan rows into the static-shaped index tensors of a step.
-    Rows are filled in one numpy array and handed to torch without copies."""
+    """Turns plan rows into the static-shaped index rows of a step, written in
+    place into a preallocated [width, 7 + A] int64 array (the executors keep
+    the array and its torch views for the life of the step: a round allocates
+    no array and builds no tensor)."""
 
     def __init__(self, buffers: BufferSpec, sliding_window: int | None) -> None:
         self.b = buffers
         self.window = sliding_window
+        self.pad_row = self._padded(buffers, 1)[0]
 
     @staticmethod
     def _padded(b: BufferSpec, width: int) -> np.ndarray:
@@ -186,28 +190,51 @@ class RowPacker:
     def padding(cls, b: BufferSpec, width: int) -> StepInputs:
         return cls._inputs(cls._padded(b, width))
 
+    @classmethod
+    def buffer(cls, b: BufferSpec, width: int) -> tuple[np.ndarray, StepInputs]:
+        """A padded row array and its step-input views (the same memory)."""
+        m = cls._padded(b, width)
+        return m, cls._inputs(m)
+
     def _lo(self, request_index: int, position: int) -> int:
         start = 0 if self.window is None else max(0, position - self.window + 1)
         return request_index * self.b.max_context + start
 
-    def lattice(self, rows: Sequence[PlanRow], width: int) -> StepInputs:
+    def fill(self, m: np.ndarray, rows: Sequence[PlanRow], filled: int) -> tuple[int, int]:
+        """Write `rows` into `m` (rows [len(rows), filled) back to padding: they held
+        the previous round's rows). Returns (rows written, longest hi - lo)."""
         b = self.b
-        m = self._padded(b, width)
+        base = b.max_batch * b.max_context
+        C, A, win = b.max_context, b.ancestors, self.window
+        need = 0
         for i, r in enumerate(rows):
-            own = b.lattice_kv_row(r.slot)
-            anc = [b.lattice_kv_row(s) for s in r.ancestor_slots]
-            if len(anc) > b.ancestors:
-                raise RuntimeError(f"node {r.node} has {len(anc)} uncommitted ancestors, more than {b.ancestors}")
-            m[i, :7] = (r.token, r.position, r.slot, own, r.request_index, self._lo(r.request_index, r.position),
-                        r.request_index * b.max_context + r.ctx_len)
-            m[i, 7:] = own
-            m[i, 7:7 + len(anc)] = anc
+            own = base + r.slot
+            anc = r.ancestor_slots
+            if len(anc) > A:
+                raise RuntimeError(f"node {r.node} has {len(anc)} uncommitted ancestors, more than {A}")
+            ctx = r.request_index * C
+            lo = ctx if win is None else ctx + max(0, r.position - win + 1)
+            hi = ctx + r.ctx_len
+            if hi - lo > need:
+                need = hi - lo
+            m[i] = (r.token, r.position, r.slot, own, r.request_index, lo, hi,
+                    *[base + s for s in anc], *(own,) * (A - len(anc)))
+        n = len(rows)
+        if filled > n:
+            m[n:filled] = self.pad_row
+        return n, need
+
+    def lattice(self, rows: Sequence[PlanRow], width: int) -> StepInputs:
+        """Fresh inputs for `rows` (tests and one-off callers; executors `fill` in place)."""
+        m = self._padded(self.b, width)
+        self.fill(m, rows, 0)
         return self._inputs(m)
 
-    def prefill(self, index: int, token_ids: Sequence[int], start: int, width: int) -> StepInputs:
-        """Rows for prompt positions start..start+len-1, written straight to the context."""
+    def fill_prefill(self, m: np.ndarray, index: int, token_ids: Sequence[int], start: int) -> int:
+        """Rows for prompt positions start..start+len-1, written straight to the
+        context; the rest of `m` becomes padding. Returns the longest hi - lo."""
         b = self.b
-        m = self._padded(b, width)
+        m[:] = self.pad_row
         n = len(token_ids)
         pos = np.arange(start, start + n)
         base = index * b.max_context
@@ -219,12 +246,18 @@ class RowPacker:
         m[:n, 5] = [self._lo(index, p) for p in pos] if self.window else base
         m[:n, 6] = base + pos
         m[:n, 7:] = (base + pos)[:, None]
+        return int((m[:, 6] - m[:, 5]).max())
+
+    def prefill(self, index: int, token_ids: Sequence[int], start: int, width: int) -> StepInputs:
+        """Rows for prompt positions start..start+len-1, written straight to the context."""
+        m = self._padded(self.b, width)
+        self.fill_prefill(m, index, token_ids, start)
         return self._inputs(m)
 
 
 def plan_samples(plan: Plan, sampled: Sequence[bool]) -> bool:
     """Host-side: does any row of this round sample? (picks the step variant)"""
-    return any(sampled[r.request_index] for rows in plan.rows for r in rows)
+    return any(sampled) and any(sampled[r.request_index] for rows in plan.rows for r in rows)
 
 
 class ReferenceExecutor:
@@ -232,17 +265,35 @@ class ReferenceExecutor:
 
     def __init__(self, card: ModelCard, spec: ExecutorSpec) -> None:
         self.spec = spec
-        weights = load_weights(card, range(card.num_layers), need_embed=True, dtype=spec.dtype, device=spec.device)
-        cos, sin = rotary_tables(card, spec.buffers.max_context, dtype=spec.dtype, device=spec.device)
-        self.packer = RowPacker(spec.buffers, weights.dims.sliding_window)
-        hidden = torch.zeros(spec.buffers.hidden_rows, weights.dims.hidden, device=spec.device, dtype=spec.dtype)
-        self.steps = [ExplorerStep(weights, spec.layers(k), spec.buffers, cos, sin, spec.candidates,
-                                   first=(k == 0), device=spec.device, dtype=spec.dtype, hidden=hidden)
-                      for k in range(spec.explorers)]
-        self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
-        self.prefill_runners = [StepRunner(s, spec.buffers.prefill_rows, spec) for s in self.steps]
-        warm_up(self.runners, self.prefill_runners)
-        self.sampled = [False] * spec.buffers.max_batch  # per request row: does it sample?
+        b = spec.buffers
+        if spec.null_step:
+            from dexserve.engine.nullstep import NullRunner, NullStep
+
+            self.packer = RowPacker(b, None)
+            self.steps = [NullStep(b) for _ in range(spec.explorers)]
+            self.runners = [NullRunner(w, k + 1, spec.explorers, spec.candidates, card.vocab_size, b)
+                            for k, w in enumerate(spec.widths)]
+            self.prefill_runners = []
+        else:
+            weights = load_weights(card, range(card.num_layers), need_embed=True, dtype=spec.dtype,
+                                   device=spec.device)
+            cos, sin = rotary_tables(card, b.max_context, dtype=spec.dtype, device=spec.device)
+            self.packer = RowPacker(b, weights.dims.sliding_window)
+            hidden = torch.zeros(b.hidden_rows, weights.dims.hidden, device=spec.device, dtype=spec.dtype)
+            self.steps = [ExplorerStep(weights, spec.layers(k), b, cos, sin, spec.candidates,
+                                       first=(k == 0), device=spec.device, dtype=spec.dtype, hidden=hidden)
+                          for k in range(spec.explorers)]
+            self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
+            self.prefill_runners = [StepRunner(s, b.prefill_rows, spec) for s in self.steps]
+            warm_up(self.runners, self.prefill_runners)
+        # each explorer's rows live in one array for the executor's life; the
+        # step reads them through torch views of the same memory
+        self.rows = [RowPacker.buffer(b, w) for w in spec.widths]
+        self.filled = [0] * spec.explorers
+        self.prefill_rows = RowPacker.buffer(b, b.prefill_rows)
+        self.retire_rows = np.zeros((2, b.max_batch), dtype=np.int64)
+        self.retire_t = torch.from_numpy(self.retire_rows)
+        self.sampled = [False] * b.max_batch  # per request row: does it sample?
         self.step_seconds = [0.0] * spec.explorers  # wall time per explorer step (CPU: synchronous)
         self.step_calls = [0] * spec.explorers
 
@@ -254,8 +305,9 @@ class ReferenceExecutor:
     @torch.no_grad()
     def prefill(self, index: int, token_ids: Sequence[int]) -> None:
         P = self.spec.buffers.prefill_rows
+        m, inputs = self.prefill_rows
         for start in range(0, len(token_ids), P):
-            inputs = self.packer.prefill(index, token_ids[start:start + P], start, P)
+            self.packer.fill_prefill(m, index, token_ids[start:start + P], start)
             for runner in self.prefill_runners:
                 runner(inputs, sampled=False)  # prefill readouts are not used
 
@@ -268,22 +320,28 @@ class ReferenceExecutor:
             if not rows:
                 outs.append(None)
                 continue
-            inputs = self.packer.lattice(rows, runner.width)
+            m, inputs = self.rows[k]
+            self.filled[k], need = self.packer.fill(m, rows, self.filled[k])
             t0 = time.perf_counter()
-            outs.append(runner(inputs, sampled))
+            outs.append(runner(inputs, sampled, runner.span(need)))
             self.step_seconds[k] += time.perf_counter() - t0
             self.step_calls[k] += 1
         # the one host sync of the round
         return Readout(tuple(
-            tuple(tuple(c) for c in out[: len(rows)].tolist()) if out is not None else ()
+            tuple(map(tuple, out[: len(rows)].tolist())) if out is not None else ()
             for rows, out in zip(plan.rows, outs)))
 
-    def apply_retire(self, plan: Plan, steps: Sequence[ExplorerStep]) -> None:
+    def apply_retire(self, plan: Plan, steps: Sequence) -> None:
         if not plan.retire:
             return
         b = self.spec.buffers
-        src = torch.tensor([b.lattice_kv_row(r.slot) for r in plan.retire], device=self.spec.device)
-        dst = torch.tensor([r.request_index * b.max_context + r.position for r in plan.retire], device=self.spec.device)
+        n = len(plan.retire)
+        for i, r in enumerate(plan.retire):
+            self.retire_rows[0, i] = b.lattice_kv_row(r.slot)
+            self.retire_rows[1, i] = r.request_index * b.max_context + r.position
+        src, dst = self.retire_t[0, :n], self.retire_t[1, :n]
+        if self.spec.device != "cpu":
+            src, dst = src.to(self.spec.device), dst.to(self.spec.device)
         for s in steps:
             s.retire(src, dst)
 

@@ -1,0 +1,188 @@
+"""One explorer inside its process: `_Rank` (rank k runs explorer k+1) and the
+process entry the coordinator spawns (`explorer_process`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from dexserve.engine.distributed.wire import (CMD_PREFILL, CMD_ROUND, CMD_SAMPLING, CMD_STOP, ExplorerSettings,
+                                              PlanCodec, i2f)
+from dexserve.engine.executor import ExecutorSpec, StepRunner, warm_up
+from dexserve.engine.model import load_weights, rotary_tables
+from dexserve.contract.model_card import ModelCard
+from dexserve.engine.step import ExplorerStep
+from dexserve.engine.transport import CollectiveTransport, SharedMemoryTransport, SharedRound, Transport, parent_watch
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def init_group(rank: int, world: int, port: int, device: str, timeout) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout)
+
+
+@dataclasses.dataclass
+class _Rank:
+    """One explorer's state inside its process."""
+
+    rank: int
+    spec: ExecutorSpec
+    step: object          # ExplorerStep, or NullStep
+    runner: object        # StepRunner, or NullRunner
+    prefill_runner: object
+    codec: PlanCodec
+    device: torch.device
+    transport: Transport
+    payload: torch.Tensor       # CPU int64 [codec.size]: shared, or this rank's broadcast target
+    cand: torch.Tensor          # [Wmax, M]: where this rank's candidates go
+    step_seconds: float = 0.0   # wall time of this explorer's own steps (CPU: synchronous)
+    step_calls: int = 0
+
+    @classmethod
+    def build(cls, rank: int, card: ModelCard, spec: ExecutorSpec, transport: Transport,
+              payload: torch.Tensor, cand: torch.Tensor, hidden: torch.Tensor | None = None) -> "_Rank":
+        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{rank}")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        spec = dataclasses.replace(spec, device=str(device))
+        b = spec.buffers
+        if spec.null_step:
+            from dexserve.engine.nullstep import NullRunner, NullStep
+
+            step = NullStep(b, hidden)
+            runner = NullRunner(spec.widths[rank], rank + 1, spec.explorers, spec.candidates, card.vocab_size, b)
+            prefill_runner = NullRunner(b.prefill_rows, rank + 1, spec.explorers, spec.candidates,
+                                        card.vocab_size, b)
+        else:
+            weights = load_weights(card, spec.layers(rank), need_embed=(rank == 0), dtype=spec.dtype, device=device)
+            cos, sin = rotary_tables(card, b.max_context, dtype=spec.dtype, device=device)
+            step = ExplorerStep(weights, spec.layers(rank), b, cos, sin, spec.candidates,
+                                first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
+            runner, prefill_runner = StepRunner(step, spec.widths[rank], spec), StepRunner(step, b.prefill_rows, spec)
+            warm_up([runner], [prefill_runner])
+        return cls(rank, spec, step, runner, prefill_runner, PlanCodec(spec), device, transport, payload, cand)
+
+    def __post_init__(self) -> None:
+        self.views = self.codec.views(self.payload)
+        self.world = self.spec.explorers
+        self.handing = not self.transport.shares_hidden
+
+    @torch.no_grad()
+    def round(self) -> torch.Tensor:
+        """Run this explorer's part of the round in the payload; its ranked
+        candidates land in `self.cand` (returned)."""
+        c, k, v = self.codec, self.rank, self.views
+        h = v.header.tolist()
+        n_retire = h[c.RETIRE]
+        if n_retire:
+            r = v.retire_t[:, :n_retire]
+            if self.device.type != "cpu":
+                r = r.to(self.device, non_blocking=True)
+            self.step.retire(r[0], r[1])
+        sent = None
+        if h[c.COUNTS + k]:
+            t0 = time.perf_counter()
+            out = self.runner(v.inputs[k], bool(h[c.SAMPLED]), h[c.SPANS + k])
+            self.step_seconds += time.perf_counter() - t0
+            self.step_calls += 1
+            self.cand[: out.shape[0]].copy_(out)
+            if self.handing and k + 1 < self.world:
+                rows = self.step.hidden.index_select(0, v.inputs[k].slot.to(self.device, non_blocking=True))
+                sent = self.transport.handoff_send(rows, k + 1)
+        if self.handing and k > 0 and h[c.COUNTS + k - 1]:
+            buf = torch.empty(self.spec.widths[k - 1], self.step.dims.hidden, dtype=self.spec.dtype,
+                              device=self.device)
+            self.transport.handoff_recv(buf, k - 1)
+            self.step.hidden.index_copy_(0, v.inputs[k - 1].slot.to(self.device, non_blocking=True), buf)
+        if sent is not None:
+            sent.wait()
+        return self.cand
+
+    @torch.no_grad()
+    def prefill(self) -> None:
+        """Prefill runs the explorers in sequence: hidden states flow down the pipe."""
+        P = self.spec.buffers.prefill_rows
+        inputs = self.views.prefill_inputs
+        slots = inputs.slot.to(self.device, non_blocking=True)
+        if self.rank > 0:
+            buf = (torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device) if self.handing
+                   else self.step.hidden[:0])  # shared buffer: the rows are already in place
+            self.transport.handoff_recv(buf, self.rank - 1)
+            if self.handing:
+                self.step.hidden.index_copy_(0, slots, buf)
+        self.prefill_runner(inputs, sampled=False, span=int(self.views.header[1]))
+        if self.rank + 1 < self.world:
+            rows = self.step.hidden.index_select(0, slots) if self.handing else self.step.hidden[:0]
+            sent = self.transport.handoff_send(rows, self.rank + 1)
+            if sent is not None:
+                sent.wait()
+
+    def sampling(self) -> None:
+        index, temp, top_k, top_p, seed = self.views.header[1:6].tolist()
+        self.step.set_sampling(int(index), i2f(int(temp)), int(top_k), i2f(int(top_p)), int(seed))
+
+    def serve(self) -> None:
+        """Ranks > 0: follow the coordinator's commands until told to stop.
+        The payload is host data; index tensors move to the device as the step
+        needs them."""
+        while True:
+            self.transport.broadcast(self.payload)
+            cmd = int(self.views.array[0])
+            if cmd == CMD_STOP:
+                return
+            if cmd == CMD_ROUND:
+                self.transport.gather(self.round())
+                continue
+            if cmd == CMD_PREFILL:
+                self.prefill()
+            elif cmd == CMD_SAMPLING:
+                self.sampling()
+            self.transport.wait_all()
+
+
+def run_rank(rank: int, settings: ExplorerSettings, transport: Transport, shared: SharedRound | None) -> None:
+    """Build rank `rank`'s explorer, say it is ready, serve until told to stop."""
+    codec = PlanCodec(settings.spec)
+    if shared is not None:
+        payload, cand, hidden = shared.plan, shared.cand[rank], shared.hidden
+    else:
+        payload = torch.zeros(codec.size, dtype=torch.long)
+        cand = torch.zeros(max(settings.spec.widths), settings.spec.candidates, dtype=torch.long,
+                           device="cpu" if settings.spec.device == "cpu" else f"cuda:{rank}")
+        hidden = None
+    me = _Rank.build(rank, ModelCard.load(settings.model_path), settings.spec, transport, payload, cand, hidden)
+    transport.ready()
+    me.serve()
+
+
+def explorer_process(rank: int, world: int, port: int, settings: ExplorerSettings,
+                     shared: SharedRound | None) -> None:
+    """Entry of an explorer process the coordinator spawned (not torchrun)."""
+    settings.apply()
+    if shared is None:
+        init_group(rank, world, port, settings.spec.device, settings.timeout)
+        transport: Transport = CollectiveTransport(rank, world)
+    else:
+        transport = SharedMemoryTransport(rank, world, shared, parent_watch(), settings.timeout)
+    code = 0
+    try:
+        run_rank(rank, settings, transport, shared)
+    except Exception:  # noqa: BLE001 - the coordinator sees the failure as ExplorerFailure
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        transport.close()
+    # skip interpreter teardown: the backend's threads must not outlive it (std::terminate)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
