@@ -118,8 +118,9 @@ class ExplorerStep(nn.Module):
         self.adapter_w, self.adapter_b = adapter if adapter else (None, None)
         self.cos, self.sin = cos, sin
         self.spec = spec
-        self.k_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
-        self.v_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
+        # all of this explorer's K and V in one tensor [2, layers, rows, kv_heads, head_dim]: retiring a
+        # node moves its rows for every layer in one gather and one scatter, not 4 ops per layer
+        self.kv = torch.zeros(2, len(layers), spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype)
         # explorer k reads the hidden states explorer k-1 left here; in one
         # process all explorers share one buffer, across processes each has its own
         self.hidden = hidden if hidden is not None else torch.zeros(spec.hidden_rows, d.hidden, device=device, dtype=dtype)
@@ -145,8 +146,8 @@ class ExplorerStep(nn.Module):
         keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
         cos = self.cos[position]
         sin = self.sin[position]
-        for lw, k_buf, v_buf in zip(self.layers, self.k_bufs, self.v_bufs):
-            x = layer_forward(x, lw, self.dims, cos, sin, k_buf, v_buf, kv_row, keys, mask)
+        for i, lw in enumerate(self.layers):
+            x = layer_forward(x, lw, self.dims, cos, sin, self.kv[0, i], self.kv[1, i], kv_row, keys, mask)
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
@@ -174,9 +175,16 @@ class ExplorerStep(nn.Module):
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
-        for k_buf, v_buf in zip(self.k_bufs, self.v_bufs):
-            k_buf.index_copy_(0, dst_rows, k_buf.index_select(0, src_rows))
-            v_buf.index_copy_(0, dst_rows, v_buf.index_select(0, src_rows))
+        self.kv.index_copy_(2, dst_rows, self.kv.index_select(2, src_rows))
+
+    @property
+    def k_bufs(self) -> list[torch.Tensor]:
+        """Per-layer K buffers [rows, kv_heads, head_dim] (views of `kv`)."""
+        return list(self.kv[0].unbind(0))
+
+    @property
+    def v_bufs(self) -> list[torch.Tensor]:
+        return list(self.kv[1].unbind(0))
 
     def set_sampling(self, index: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
         self.temperature[index] = temperature
