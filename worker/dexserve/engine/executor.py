@@ -104,11 +104,14 @@ class StepRunner:
     def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None) -> torch.Tensor:
         """`span`: the bucket for the round (`span_for` of the longest hi - lo);
         computed here from host-side inputs when not given."""
-        if span is None:
-            span = self.span(int((inputs.hi - inputs.lo).max()))
-        if self.on_host:  # host inputs are the step's inputs: no copies
+        if self.on_host:
+            if span is None:
+                span = self.span(int((inputs.hi.numpy() - inputs.lo.numpy()).max()))
+            # host tensors are the step's inputs as they are: no copies, no keyword arguments
             return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
                            inputs.hi, inputs.anc, sampled, span)
+        if span is None:
+            span = self.span(int((inputs.hi - inputs.lo).max()))
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
             return self.fn(*args, sampled=sampled, span=span)
