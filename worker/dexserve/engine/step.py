@@ -118,9 +118,13 @@ class ExplorerStep(nn.Module):
         self.adapter_w, self.adapter_b = adapter if adapter else (None, None)
         self.cos, self.sin = cos, sin
         self.spec = spec
-        # all of this explorer's K and V in one tensor [2, layers, rows, kv_heads, head_dim]: retiring a
-        # node moves its rows for every layer in one gather and one scatter, not 4 ops per layer
-        self.kv = torch.zeros(2, len(layers), spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype)
+        # all of this explorer's K and V in one tensor: layer i's K buffer is rows
+        # [i*R, (i+1)*R) and its V buffer rows [(n+i)*R, (n+i+1)*R) (R = kv_rows, n layers).
+        # Retiring a node moves its rows for every layer in one gather and one scatter
+        n = len(layers)
+        self.kv = torch.zeros(2 * n * spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype)
+        self.kv_bases = [(i * spec.kv_rows, (n + i) * spec.kv_rows) for i in range(n)]
+        self.buffer_offsets = torch.arange(2 * n, device=device)[:, None] * spec.kv_rows
         # explorer k reads the hidden states explorer k-1 left here; in one
         # process all explorers share one buffer, across processes each has its own
         self.hidden = hidden if hidden is not None else torch.zeros(spec.hidden_rows, d.hidden, device=device, dtype=dtype)
@@ -146,8 +150,8 @@ class ExplorerStep(nn.Module):
         keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
         cos = self.cos[position]
         sin = self.sin[position]
-        for i, lw in enumerate(self.layers):
-            x = layer_forward(x, lw, self.dims, cos, sin, self.kv[0, i], self.kv[1, i], kv_row, keys, mask)
+        for lw, (k_base, v_base) in zip(self.layers, self.kv_bases):
+            x = layer_forward(x, lw, self.dims, cos, sin, self.kv, k_base, v_base, kv_row, keys, mask)
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
@@ -175,16 +179,22 @@ class ExplorerStep(nn.Module):
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
-        self.kv.index_copy_(2, dst_rows, self.kv.index_select(2, src_rows))
+        if not self.layers:
+            return
+        off = self.buffer_offsets
+        self.kv.index_copy_(0, (off + dst_rows[None, :]).reshape(-1),
+                            self.kv.index_select(0, (off + src_rows[None, :]).reshape(-1)))
 
     @property
     def k_bufs(self) -> list[torch.Tensor]:
         """Per-layer K buffers [rows, kv_heads, head_dim] (views of `kv`)."""
-        return list(self.kv[0].unbind(0))
+        R = self.spec.kv_rows
+        return [self.kv[k:k + R] for k, _ in self.kv_bases]
 
     @property
     def v_bufs(self) -> list[torch.Tensor]:
-        return list(self.kv[1].unbind(0))
+        R = self.spec.kv_rows
+        return [self.kv[v:v + R] for _, v in self.kv_bases]
 
     def set_sampling(self, index: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
         self.temperature[index] = temperature
