@@ -10,7 +10,7 @@ OUT=worker/benchmarks/results
 mkdir -p "$OUT"
 N=${PROMPTS:-50}
 T=${NEW_TOKENS:-64}
-STEPS=${STEPS:-1 2 3 4 5 6}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. DEX vs ar vs every select:J vs the EAD oracle, K = 4, 2, 8 (one process, 1 thread)
@@ -52,4 +52,9 @@ fi
 # 6. per-depth agreement of the shipped model's readouts with its final token
 if want 6; then
 "$BIN/python" -m dexserve.training.agreement --limit "$N" --max-new-tokens "$T" > "$OUT/agreement.txt"
+fi
+
+# 7. explorer steps against 1/K of the full step (K = 1, 2, 4, 8; W = 1, 8; compiled, 1 thread)
+if want 7; then
+"$BIN/python" worker/benchmarks/step_scaling.py --out "$OUT/step-scaling.json"
 fi
