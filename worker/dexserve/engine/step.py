@@ -161,6 +161,8 @@ class ExplorerStep(nn.Module):
         if sampled:
             logits = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
                                       self.seed[request], position + 1)
+        if self.candidates == 1:  # one candidate: a fused reduction, not a top-k call
+            return logits.argmax(dim=-1, keepdim=True)
         return torch.topk(logits, self.candidates, dim=-1).indices
 
     def visible_keys(self, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
