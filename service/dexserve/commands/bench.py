@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return eng
 
     engine = load("ar")
+    ar_widths = list(engine.executor.spec.widths)
     results: dict[str, dict] = {}
     reference = None
     for mode in modes:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for e in (args.hf_layerskip.split(",") if args.hf_layerskip else []):
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens, assistant_early_exit=int(e))
         results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
-    meta = {"model": card.name, "explorers": K, "width": args.width, "prompts": len(prompts),
+    meta = {"model": card.name, "explorers": K, "width": args.width, "ar_widths": ar_widths, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
             "compile": engine.config.compile}
     engine.close()
