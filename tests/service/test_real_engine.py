@@ -18,7 +18,8 @@ from .helpers import collect, run_direct
 import dexserve.engine.engine as engine_mod  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256"]
+# eager steps: these tests are about the service path, and compiling would add minutes of start-up per worker
+ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256", "--no-compile"]
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,11 @@ def main() -> None:
                              f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
                              f"{v['ideal_speedup_K_over_rpt']}x |")
         lines.append("")
+    sc = load("step-scaling.json")
+    if sc:
+        lines += ["### Explorer steps against 1/K of the full step", "",
+                  "`python worker/benchmarks/step_scaling.py --out worker/benchmarks/results/step-scaling.json`", "",
+                  sc["markdown"], ""]
     lines += service_tables()
     print("\n".join(lines))
 

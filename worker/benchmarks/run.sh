@@ -59,3 +59,8 @@ if want 7; then
 "$BIN/python" worker/benchmarks/rpt_vs_width.py --limit "$N" --max-new-tokens "$T" \
     --out "$OUT/rpt-vs-width.json"
 fi
+
+# 7. explorer steps against 1/K of the full step (K = 1, 2, 4, 8; W = 1, 8; compiled, 1 thread)
+if want 7; then
+"$BIN/python" worker/benchmarks/step_scaling.py --out "$OUT/step-scaling.json"
+fi

@@ -50,11 +50,16 @@ class EngineConfig:
     threads: int | None = None            # intra-op threads of this process (and of each explorer process)
 
     def widths(self) -> tuple[int, ...]:
+        """Rows per explorer step. Mode `ar` never spawns: each request has one
+        node, so an explorer runs at most max_batch rows whatever W says (1 for
+        a single stream); its steps are built that narrow."""
         w = (self.width,) * self.explorers if isinstance(self.width, int) else tuple(self.width)
         if len(w) != self.explorers:
             raise ValueError(f"width: give one value or {self.explorers} (one per explorer), got {len(w)}")
         if min(w) < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
+        if self.mode == "ar":
+            w = tuple(min(x, max(1, self.max_batch)) for x in w)
         return w
 
     @property

@@ -11,6 +11,7 @@ fullgraph, static shapes) or captured once as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -85,6 +86,7 @@ class StepRunner:
         self.buckets = span_buckets(spec.buffers.max_context)
         self.compile = spec.compile
         if spec.compile:
+            use_compile_cache()
             # dynamo counts graphs per code object, i.e. over every step in this process:
             # raise its limit by this runner's variants (greedy/sampled x spans)
             StepRunner.compiled_variants += 2 * len(self.buckets)
@@ -93,6 +95,7 @@ class StepRunner:
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * StepRunner.compiled_variants)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
         self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
+        self.on_host = self.device.type == "cpu"
         # one captured graph per variant, with its static inputs and output
         self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
@@ -102,6 +105,12 @@ class StepRunner:
     def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None) -> torch.Tensor:
         """`span`: the bucket for the round (`span_for` of the longest hi - lo);
         computed here from host-side inputs when not given."""
+        if self.on_host:
+            if span is None:
+                span = self.span(int((inputs.hi.numpy() - inputs.lo.numpy()).max()))
+            # host tensors are the step's inputs as they are: no copies, no keyword arguments
+            return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
+                           inputs.hi, inputs.anc, sampled, span)
         if span is None:
             span = self.span(int((inputs.hi - inputs.lo).max()))
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
@@ -148,6 +157,25 @@ class StepRunner:
         with torch.cuda.graph(graph):
             static_out = self.fn(*static_in, sampled=sampled, span=span)
         return graph, static_in, static_out
+
+
+def compile_cache_dir() -> str:
+    """Where compiled steps are cached across start-ups: $TORCHINDUCTOR_CACHE_DIR if
+    set, else $XDG_CACHE_HOME/dexserve/inductor (default ~/.cache/dexserve/inductor)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(base, "dexserve", "inductor")
+
+
+def use_compile_cache() -> None:
+    """Persist inductor's compiled graphs (FX graph and AOT autograd caches) in a
+    stable per-user directory, so a second start-up loads instead of compiling.
+    Explorer processes inherit the environment variable."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
 
 
 def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> None:

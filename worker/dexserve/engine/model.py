@@ -224,12 +224,15 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.
 
 
 def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
-                  k_buf: torch.Tensor, v_buf: torch.Tensor, kv_row: torch.Tensor, keys: torch.Tensor,
+                  kv: torch.Tensor, k_base: int, v_base: int, kv_row: torch.Tensor, keys: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
-    """One decoder layer for W single-token rows. Writes each row's K/V at
-    `kv_row` of the layer's buffers, then attends over the buffer rows `keys`
-    [W, S] it may see (`mask` [W, S], True = visible). Shapes are static: W
-    rows, S gathered keys per row."""
+    """One decoder layer for W single-token rows. `kv` [rows, kv_heads, head_dim]
+    holds this layer's K buffer from row `k_base` and its V buffer from `v_base`
+    (one tensor for all layers, mutated in place: not a view, so a compiled step
+    scatters into it instead of copying it). Writes each row's K/V at `kv_row`
+    of the layer's buffers, then attends over the buffer rows `keys` [W, S] it
+    may see (`mask` [W, S], True = visible). Shapes are static: W rows, S
+    gathered keys per row."""
     rows = x.shape[0]
     h = rms_norm(x, lw.input_norm, dims.eps)
     nq, nkv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
@@ -243,13 +246,12 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
     c, s = cos[:, None, :], sin[:, None, :]
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
-    k_buf.index_copy_(0, kv_row, k)
-    v_buf.index_copy_(0, kv_row, v)
+    kv.index_copy_(0, torch.cat([kv_row + k_base, kv_row + v_base]), torch.cat([k, v]))
     group = dims.heads // dims.kv_heads
     qg = q.view(rows, dims.kv_heads, group, dims.head_dim)
     # [W, kv_heads, S, head_dim]: each row's own keys, so a batched matmul per row
-    k_rows = k_buf[keys].transpose(1, 2)
-    v_rows = v_buf[keys].transpose(1, 2)
+    k_rows = kv[keys + k_base].transpose(1, 2)
+    v_rows = kv[keys + v_base].transpose(1, 2)
     scores = torch.matmul(qg, k_rows.transpose(-1, -2)) * (dims.head_dim ** -0.5)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)

@@ -118,8 +118,13 @@ class ExplorerStep(nn.Module):
         self.adapter_w, self.adapter_b = adapter if adapter else (None, None)
         self.cos, self.sin = cos, sin
         self.spec = spec
-        self.k_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
-        self.v_bufs = [torch.zeros(spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype) for _ in layers]
+        # all of this explorer's K and V in one tensor: layer i's K buffer is rows
+        # [i*R, (i+1)*R) and its V buffer rows [(n+i)*R, (n+i+1)*R) (R = kv_rows, n layers).
+        # Retiring a node moves its rows for every layer in one gather and one scatter
+        n = len(layers)
+        self.kv = torch.zeros(2 * n * spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype)
+        self.kv_bases = [(i * spec.kv_rows, (n + i) * spec.kv_rows) for i in range(n)]
+        self.buffer_offsets = torch.arange(2 * n, device=device)[:, None] * spec.kv_rows
         # explorer k reads the hidden states explorer k-1 left here; in one
         # process all explorers share one buffer, across processes each has its own
         self.hidden = hidden if hidden is not None else torch.zeros(spec.hidden_rows, d.hidden, device=device, dtype=dtype)
@@ -145,8 +150,8 @@ class ExplorerStep(nn.Module):
         keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
         cos = self.cos[position]
         sin = self.sin[position]
-        for lw, k_buf, v_buf in zip(self.layers, self.k_bufs, self.v_bufs):
-            x = layer_forward(x, lw, self.dims, cos, sin, k_buf, v_buf, kv_row, keys, mask)
+        for lw, (k_base, v_base) in zip(self.layers, self.kv_bases):
+            x = layer_forward(x, lw, self.dims, cos, sin, self.kv, k_base, v_base, kv_row, keys, mask)
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
@@ -156,6 +161,8 @@ class ExplorerStep(nn.Module):
         if sampled:
             logits = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
                                       self.seed[request], position + 1)
+        if self.candidates == 1:  # one candidate: a fused reduction, not a top-k call
+            return logits.argmax(dim=-1, keepdim=True)
         return torch.topk(logits, self.candidates, dim=-1).indices
 
     def visible_keys(self, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
@@ -174,9 +181,22 @@ class ExplorerStep(nn.Module):
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
-        for k_buf, v_buf in zip(self.k_bufs, self.v_bufs):
-            k_buf.index_copy_(0, dst_rows, k_buf.index_select(0, src_rows))
-            v_buf.index_copy_(0, dst_rows, v_buf.index_select(0, src_rows))
+        if not self.layers:
+            return
+        off = self.buffer_offsets
+        self.kv.index_copy_(0, (off + dst_rows[None, :]).reshape(-1),
+                            self.kv.index_select(0, (off + src_rows[None, :]).reshape(-1)))
+
+    @property
+    def k_bufs(self) -> list[torch.Tensor]:
+        """Per-layer K buffers [rows, kv_heads, head_dim] (views of `kv`)."""
+        R = self.spec.kv_rows
+        return [self.kv[k:k + R] for k, _ in self.kv_bases]
+
+    @property
+    def v_bufs(self) -> list[torch.Tensor]:
+        R = self.spec.kv_rows
+        return [self.kv[v:v + R] for _, v in self.kv_bases]
 
     def set_sampling(self, index: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
         self.temperature[index] = temperature

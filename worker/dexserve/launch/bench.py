@@ -34,18 +34,28 @@ def run(args: argparse.Namespace) -> int:
     from dexserve.engine.engine import DexEngine
 
     card, prompts = prompts_from_args(args)
-    cfg = engine_config(args, mode="ar")
-    cfg.max_batch = 1
-    engine = DexEngine.load(args.model, cfg)
     K = args.explorers
     modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]
     if args.modes:
         modes = ["ar"] + [m for m in args.modes.split(",") if m != "ar"]
-    # warm-up (compilation, allocator) outside the measurement
-    run_mode(engine, "ar", True, prompts[:1], 4)
+
+    def load(mode: str) -> DexEngine:
+        # ar is measured as users run it: its steps are one row wide (EngineConfig.widths);
+        # the spawning modes share one engine at the configured width
+        cfg = engine_config(args, mode=mode)
+        cfg.max_batch = 1
+        eng = DexEngine.load(args.model, cfg)
+        run_mode(eng, mode, True, prompts[:1], 4)  # warm-up (compilation, allocator) outside the measurement
+        return eng
+
+    engine = load("ar")
+    ar_widths = list(engine.executor.spec.widths)
     results: dict[str, dict] = {}
     reference = None
     for mode in modes:
+        if mode != "ar" and engine.config.mode == "ar":
+            engine.close()
+            engine = load("dex")
         decs = mode != "dex-nodecs"
         profiler = None
         if args.profile and mode == "dex":
@@ -74,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     for e in (args.hf_layerskip.split(",") if args.hf_layerskip else []):
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens, assistant_early_exit=int(e))
         results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
-    meta = {"model": card.name, "explorers": K, "width": args.width, "prompts": len(prompts),
+    meta = {"model": card.name, "explorers": K, "width": args.width, "ar_widths": ar_widths, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
-            "compile": args.compile}
+            "compile": engine.config.compile}
+    engine.close()
     emit({"config": meta, "modes": results}, args.out, args.json, format_table)
     return 0
 

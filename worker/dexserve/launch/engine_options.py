@@ -34,11 +34,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                    help="distributed executor: shm = shared memory between CPU explorers on this host, "
                         "torch = torch.distributed (gloo on CPU, NCCL on CUDA); auto picks shm for CPU")
     g.add_argument("--device", default=os.environ.get("DEX_DEVICE", "cpu"), help="cpu or cuda")
-    g.add_argument("--compile", action="store_true", help="torch.compile each explorer step (fullgraph)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile each explorer step (fullgraph). Default: on for --device cpu (compiled "
+                        "steps are cached across start-ups in $TORCHINDUCTOR_CACHE_DIR, default "
+                        "~/.cache/dexserve/inductor), off on CUDA, where captured CUDA graphs are the fast path")
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run explorer steps eagerly (no start-up compilation; several times slower per token)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run steps eagerly instead of replaying captured graphs")
     g.add_argument("--threads", type=int, default=int(os.environ["DEX_THREADS"]) if os.environ.get("DEX_THREADS") else None,
-                   help="torch intra-op threads (env DEX_THREADS; default: torch's)")
+                   help="torch intra-op threads (env DEX_THREADS; default: 1 per process for --executor distributed, "
+                        "i.e. the coordinator and each explorer; torch's default otherwise)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=os.environ.get("DEX_DTYPE", "float32"),
                    help="weights and activations dtype (env DEX_DTYPE)")
     add_limit_arguments(parser)
@@ -55,8 +61,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--model", args.model]
     if not args.decs:
         flags.append("--no-decs")
-    if args.compile:
-        flags.append("--compile")
+    if args.compile is not None:
+        flags.append("--compile" if args.compile else "--no-compile")
     if not args.cuda_graphs:
         flags.append("--no-cuda-graphs")
     if args.threads:
@@ -64,10 +70,16 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def compile_default(args: argparse.Namespace) -> bool:
+    """--compile / --no-compile if given; otherwise compiled on CPU (the fast path), and on
+    CUDA the captured CUDA graphs of eager steps."""
+    return args.compile if args.compile is not None else not str(args.device).startswith("cuda")
+
+
 def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
     limits = limits_from_args(args)
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),
                         decs=args.decs, policy=args.policy, max_context=limits.max_context, max_batch=args.max_batch,
-                        executor=args.executor, transport=args.transport, device=args.device, compile=args.compile,
-                        cuda_graphs=args.cuda_graphs, max_new_tokens=limits.max_new_tokens, threads=args.threads,
-                        dtype=args.dtype)
+                        executor=args.executor, transport=args.transport, device=args.device,
+                        compile=compile_default(args), cuda_graphs=args.cuda_graphs,
+                        max_new_tokens=limits.max_new_tokens, threads=args.threads, dtype=args.dtype)
