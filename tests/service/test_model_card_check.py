@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dexserve.contract.limits import Limits
-from dexserve.contract.model_card import ModelCard, card_fingerprint, card_summary
+from dexserve.contract.model_card import ModelCard, card_fingerprint, card_json, card_summary
 from dexserve.gateway import server as gateway_server
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.server import BackgroundGateway, ModelMismatch
@@ -27,9 +27,9 @@ from .conftest import TEST_SETTINGS
 
 
 def _publish(rclient, names, model, limits: Limits) -> dict:
-    summary = card_summary(ModelCard.load(model), limits)
-    rclient.set(names.model_card(), json.dumps({**summary, "fingerprint": card_fingerprint(summary)}))
-    return summary
+    card = card_json(ModelCard.load(model), limits)
+    rclient.set(names.model_card(), card)
+    return json.loads(card)
 
 
 def _config(redis_server, names, model, **kw) -> GatewayConfig:
@@ -50,12 +50,16 @@ def test_fingerprint_tracks_model_files_and_limits(standin_model, tmp_path) -> N
 
 def test_worker_publishes_the_same_card_the_gateway_computes(rclient, names, standin_model) -> None:
     from dexserve.engine.config import EngineConfig
-    from dexserve.launch.worker import publish_model_card
+    from dexserve.queue.consumer import WorkerQueue
+    from dexserve.worker.engines import make_engine
     from dexserve.worker.settings import WorkerSettings
 
-    settings = WorkerSettings(model=str(standin_model), names=names, engine_config=EngineConfig(max_context=300))
-    summary = publish_model_card(rclient, settings)
+    settings = WorkerSettings(model=str(standin_model), engine="standin", names=names,
+                              engine_config=EngineConfig(max_context=300))
+    engine = make_engine(settings)        # the worker publishes what its engine serves, as run_worker does
+    WorkerQueue(rclient, names, settings.queue, "w1", model_card=card_json(engine.card, engine.limits)).heartbeat([])
     stored = json.loads(rclient.get(names.model_card()))
+    summary = stored
     assert stored["fingerprint"] == card_fingerprint(card_summary(ModelCard.load(standin_model),
                                                                   Limits(max_context=300)))
     assert summary["max_context"] == 300 and stored["name"] == standin_model.name
@@ -67,10 +71,9 @@ def test_heartbeat_refreshes_the_card_and_it_expires_without_workers(rclient, na
 
     from .conftest import TEST_SETTINGS as s
 
-    q = WorkerQueue(rclient, names, s, "w1")
-    q.heartbeat([])
+    WorkerQueue(rclient, names, s, "w0").heartbeat([])
     assert not rclient.exists(names.model_card()), "no card set: nothing published"
-    q.model_card = '{"fingerprint": "x"}'
+    q = WorkerQueue(rclient, names, s, "w1", model_card='{"fingerprint": "x"}')
     q.heartbeat([])
     assert rclient.get(names.model_card()) == b'{"fingerprint": "x"}'
     assert 0 < rclient.pttl(names.model_card()) <= s.heartbeat_ttl_s * 1000

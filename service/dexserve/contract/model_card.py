@@ -136,6 +136,12 @@ def card_fingerprint(summary: dict) -> str:
     return hashlib.sha256(json.dumps(summary, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def card_json(card: ModelCard, limits: "Limits") -> str:
+    """The card a worker publishes (`QueueNames.model_card`): its summary plus the fingerprint."""
+    summary = card_summary(card, limits)
+    return json.dumps({**summary, "fingerprint": card_fingerprint(summary)})
+
+
 def card_difference(ours: dict, theirs: dict) -> str:
     """Human-readable list of the fields two summaries disagree on ('' when equal)."""
     keys = sorted(set(ours) | set(theirs))

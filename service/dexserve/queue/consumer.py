@@ -68,7 +68,10 @@ def _stream_event(event: pb.StreamEvent) -> dict:
 
 
 class WorkerQueue:
-    def __init__(self, client: redis.Redis, names: QueueNames, settings: QueueSettings, consumer: str) -> None:
+    def __init__(self, client: redis.Redis, names: QueueNames, settings: QueueSettings, consumer: str,
+                 model_card: str | None = None) -> None:
+        """`model_card`: the JSON card of the model this worker serves (`contract.model_card.card_json`),
+        published with every heartbeat (see `heartbeat`) so the gateway can compare it."""
         self.redis = client
         self.names = names
         self.settings = settings
@@ -76,7 +79,7 @@ class WorkerQueue:
         self._cursor = b"0-0"
         self.redis.set_response_callback("XAUTOCLAIM", lambda r, **_: r)  # parse both 6.2 and 7 shapes here
         self._heartbeat = client.register_script(_HEARTBEAT)
-        self.model_card: str | None = None   # JSON card (QueueNames.model_card), refreshed with each heartbeat
+        self.model_card = model_card
 
     def ensure_group(self) -> None:
         """Create the group (and stream) if missing, reading from the start so

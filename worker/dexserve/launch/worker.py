@@ -58,29 +58,10 @@ def run(args: argparse.Namespace) -> int:
     return run_worker(settings_from_args(args))
 
 
-def model_card_json(settings: WorkerSettings) -> str:
-    """The served model's card summary with its fingerprint (JSON), as published at `QueueNames.model_card`."""
-    import json
-
-    from dexserve.contract.model_card import ModelCard, card_fingerprint, card_summary
-
-    summary = card_summary(ModelCard.load(settings.model), settings.engine_config.limits)
-    return json.dumps({**summary, "fingerprint": card_fingerprint(summary)})
-
-
-def publish_model_card(client, settings: WorkerSettings) -> dict:
-    """SET the card now (EXPIRE heartbeat_ttl; the worker's heartbeat refreshes it): the gateway
-    refuses to start, or to serve, when its own differs."""
-    import json
-
-    card = model_card_json(settings)
-    client.set(settings.names.model_card(), card, ex=settings.queue.heartbeat_ttl_s)
-    return json.loads(card)
-
-
 def run_worker(settings: WorkerSettings) -> int:
     import redis
 
+    from dexserve.contract.model_card import card_json
     from dexserve.queue.consumer import WorkerQueue
     from dexserve.telemetry.process import start_worker_telemetry
     from dexserve.worker.engines import make_engine
@@ -90,9 +71,9 @@ def run_worker(settings: WorkerSettings) -> int:
     telemetry = start_worker_telemetry()       # /healthz is 503 until the engine has loaded
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    publish_model_card(client, settings)
-    queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer)
-    queue.model_card = model_card_json(settings)        # refreshed with every heartbeat
+    queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
+                        model_card=card_json(engine.card, engine.limits))
+    queue.heartbeat([])                                  # publishes the card now; every heartbeat refreshes it
     worker = Worker(engine, queue,
                     observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
                     grace_s=settings.grace_s)
