@@ -86,7 +86,7 @@ class StepRunner:
         self.buckets = span_buckets(spec.buffers.max_context)
         self.compile = spec.compile
         if spec.compile:
-            use_compile_cache()
+            use_compile_cache(cpu=self.device.type == "cpu")
             # dynamo counts graphs per code object, i.e. over every step in this process:
             # raise its limit by this runner's variants (greedy/sampled x spans)
             StepRunner.compiled_variants += 2 * len(self.buckets)
@@ -166,7 +166,7 @@ def compile_cache_dir() -> str:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(base, "dexserve", "inductor")
 
 
-def use_compile_cache() -> None:
+def use_compile_cache(cpu: bool = False) -> None:
     """Persist inductor's compiled graphs (FX graph and AOT autograd caches) in a
     stable per-user directory, so a second start-up loads instead of compiling.
     Explorer processes inherit the environment variable."""
@@ -176,6 +176,10 @@ def use_compile_cache() -> None:
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
+    # CPU: inductor's C++ wrapper instead of its Python one (less per-call host
+    # time; ~1.2x ar tok/s on dexcode-6m). DEX_CPP_WRAPPER=0 turns it off.
+    if cpu and os.environ.get("DEX_CPP_WRAPPER", "1") != "0":
+        inductor_config.cpp_wrapper = True
 
 
 def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> None:
