@@ -36,7 +36,9 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 SMOKE = ROOT / "loadtest" / "smoke.conf"
 KINDS = ("TTFT", "ITL", "FULL")
 # Small real-engine settings: the smoke checks correctness under concurrency, not capacity.
-REAL_ENGINE = ["--engine", "dex", "--explorers", "2", "--width", "4", "--max-batch", "4", "--max-context", "512"]
+# --no-compile: a cold compile takes a minute or two on 2 cores; the compiled step has its own equality tests
+REAL_ENGINE = ["--engine", "dex", "--explorers", "2", "--width", "4", "--max-batch", "4", "--max-context", "512",
+               "--no-compile"]
 
 
 def _engine_argv(tmp_path: Path) -> tuple[list[str], str]:

@@ -24,7 +24,7 @@ from service.conftest import (TEST_SETTINGS, names, queue_flags, rclient, redis_
                              standin_model)
 
 ENGINE_FLAGS = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256",
-                "--max-new-tokens-limit", "64"]
+                "--max-new-tokens-limit", "64", "--no-compile"]
 
 
 def free_port() -> int:

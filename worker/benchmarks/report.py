@@ -87,7 +87,7 @@ def main() -> None:
     if sp:
         c = sp["config"]
         lines += ["### Explorers on separate devices (2 cores here)", "",
-                  "`python worker/benchmarks/speedup.py --compile --repeats 3 --limit 50 --max-new-tokens 64`", "",
+                  "`python worker/benchmarks/speedup.py --repeats 3 --limit 50 --max-new-tokens 64`", "",
                   f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
                   "the runs taking turns", "",
                   "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
@@ -98,7 +98,8 @@ def main() -> None:
                          f"{r.get('ms_per_round', '')} | {r['identical_to_ar']} |")
         s = sp["summary"]
         lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
-                      f"of the others, {s.get('dex_vs_best_of_ar_and_layerskip', '')}x the best of ar and LayerSkip.", ""]
+                      f"of the others, {s.get('dex_vs_best_single_process', '')}x the best single-process "
+                      f"configuration ({s.get('best_single_process', '')}).", ""]
         pj = sp["projection"]
         if "step_slowdown_when_concurrent" in pj:
             lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "

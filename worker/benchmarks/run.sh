@@ -10,7 +10,7 @@ OUT=worker/benchmarks/results
 mkdir -p "$OUT"
 N=${PROMPTS:-50}
 T=${NEW_TOKENS:-64}
-STEPS=${STEPS:-1 2 3 4 5 6 7}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8 9}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. DEX vs ar vs every select:J vs the EAD oracle, K = 4, 2, 8 (one process, 1 thread)
@@ -21,19 +21,19 @@ for K in ${KS:-4 2 8}; do
 done
 fi
 
-# 2. the engine's own overhead: ar (K=1, compiled step) against Hugging Face generate, 1 and 2
+# 2. the engine's own overhead with default flags: ar (K=1) against Hugging Face generate, 1 and 2
 #    threads, beside the weight matmuls alone (the floor for any fp32 engine)
 if want 2; then
 for TH in 1 2; do
-  "$BIN/dex" bench --explorers 1 --width 1 --modes ar --hf --compile --limit "$N" --max-new-tokens "$T" \
+  "$BIN/dex" bench --explorers 1 --modes ar --hf --limit "$N" --max-new-tokens "$T" \
       --threads "$TH" --out "$OUT/ar-vs-hf-${TH}t.json"
 done
 fi
 
 # 3. explorers on 2 devices (2 processes x 1 thread, shared-memory and gloo transports) vs ar,
-#    select:1 and HF LayerSkip, 3 passes taken in turns; projection K=4, 8
+#    select:1, HF generate and HF LayerSkip, 3 passes taken in turns; projection K=4, 8
 if want 3; then
-"$BIN/python" worker/benchmarks/speedup.py --compile --repeats 3 --limit "$N" --max-new-tokens "$T" \
+"$BIN/python" worker/benchmarks/speedup.py --repeats 3 --limit "$N" --max-new-tokens "$T" \
     --out "$OUT/speedup.json"
 fi
 
@@ -60,7 +60,13 @@ if want 7; then
     --out "$OUT/rpt-vs-width.json"
 fi
 
-# 7. explorer steps against 1/K of the full step (K = 1, 2, 4, 8; W = 1, 8; compiled, 1 thread)
-if want 7; then
+# 8. explorer steps against 1/K of the full step (K = 1, 2, 4, 8; W = 1, 8; compiled, 1 thread)
+if want 8; then
 "$BIN/python" worker/benchmarks/step_scaling.py --out "$OUT/step-scaling.json"
+fi
+
+# 9. coordination per round with the null step (steps cost nothing; same lattice, packing, signalling)
+if want 9; then
+"$BIN/python" worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs 2x1,4x8,8x16 \
+    --out "$OUT/round-overhead.json"
 fi

@@ -5,7 +5,9 @@ become an `EngineConfig` here, at the CLI edge, and nowhere else."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 
 from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
 from dexserve.engine.config import EngineConfig
@@ -71,9 +73,19 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 
 def compile_default(args: argparse.Namespace) -> bool:
-    """--compile / --no-compile if given; otherwise compiled on CPU (the fast path), and on
-    CUDA the captured CUDA graphs of eager steps."""
-    return args.compile if args.compile is not None else not str(args.device).startswith("cuda")
+    """--compile / --no-compile if given; otherwise compiled on CPU (the fast path) where a C++
+    compiler exists (inductor needs one; an image without it runs eager steps, with a warning),
+    and on CUDA the captured CUDA graphs of eager steps."""
+    if args.compile is not None:
+        return args.compile
+    if str(args.device).startswith("cuda"):
+        return False
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        logging.getLogger(__name__).warning(
+            "no C++ compiler (g++) here: explorer steps run eagerly, several times slower; install g++ for the "
+            "compiled fast path, or pass --no-compile to silence this")
+        return False
+    return True
 
 
 def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
