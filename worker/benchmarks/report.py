@@ -76,8 +76,8 @@ def main() -> None:
                         f"{floor.get('tokens_per_s', '')} | {floor.get('max_speedup_vs_hf', '')}x |")
     if rows:
         lines += ["### The engine against Hugging Face generate (ar, K=1)", "",
-                  "`dex bench --explorers 1 --width 1 --modes ar --hf --compile --limit 50 --max-new-tokens 64 "
-                  "--threads T` (T = 1, 2); the last two columns time the model's weight matmuls alone (one row through "
+                  "`dex bench --explorers 1 --modes ar --hf --limit 50 --max-new-tokens 64 "
+                  "--threads T` (T = 1, 2; default flags: the compiled step, one row per request); the last two columns time the model's weight matmuls alone (one row through "
                   "every projection and the LM head, nothing else), the floor for any engine that reads these fp32 "
                   "weights per token, and its ratio to Hugging Face", "",
                   "| threads | dexserve ar tokens/s | HF generate tokens/s | ratio | identical | weight matmuls alone, "
@@ -115,6 +115,16 @@ def main() -> None:
                              f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
                              f"{v['ideal_speedup_K_over_rpt']}x |")
         lines.append("")
+    ro = load("round-overhead.json")
+    if ro:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from round_overhead import table as round_table
+
+        lines += ["### Coordination per round (null step)", "",
+                  "`python worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs 2x1,4x8,8x16`: "
+                  "every explorer's step costs nothing (scripted readouts), the lattice, packing and signalling run "
+                  "for real; µs per round, median of 3 runs of 2000 rounds, 1 thread per process", "",
+                  round_table(ro), ""]
     sc = load("step-scaling.json")
     if sc:
         lines += ["### Explorer steps against 1/K of the full step", "",
