@@ -42,7 +42,7 @@ def main() -> None:
         doc = load(f"bench-k{K}.json")
         if doc:
             lines += [f"#### K = {K}", "",
-                      f"`dex bench --explorers {K} --width 8 --limit 50 --max-new-tokens 64 --threads 1 --profile`", ""]
+                      f"`dex bench --explorers {K} --width 8 --limit 50 --max-new-tokens 64 --threads 1 --no-compile --profile`", ""]
             lines += modes_table(doc) + [""]
             modes = doc["modes"]
             selects = [v["rpt"] for k, v in modes.items() if k.startswith("select:")]

@@ -14,7 +14,7 @@ distributed one (shared-memory transport, one process per explorer, 1 thread
 each) at K=2 W=1, K=4 W=8, K=8 W=16, one request at a time, through
 `DexEngine.step`, and splits a round into:
 
-  lattice plan / lattice absorb   `Lattice.plan` / `Lattice.advance`
+  lattice plan / lattice absorb   `Lattice.plan` / `Lattice.absorb`
   pack       rows, retire copies and header written into the payload
   signal     telling the explorers a round is there
   local      the coordinator's own explorer (null step + its bookkeeping)
@@ -65,11 +65,11 @@ def measure(card: ModelCard, K: int, W: int, executor: str, rounds: int, warm: i
     spec = dataclasses.replace(DexEngine.executor_spec(card, cfg), null_step=True)
     ex = ReferenceExecutor(card, spec) if executor == "reference" else DistributedExecutor(card, spec, threads=1)
     eng = DexEngine(card, cfg, ex, load_tokenizer(card))
-    # plan, run, advance, step (the whole round)
+    # plan, run, absorb, step (the whole round)
     acc = [0.0] * 4
     _timed(eng.lattice, "plan", acc, 0)
     _timed(eng.executor, "run", acc, 1)
-    _timed(eng.lattice, "advance", acc, 2)
+    _timed(eng.lattice, "absorb", acc, 2)
     n = commits = 0
     seq = 0
     try:

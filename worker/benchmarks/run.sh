@@ -16,7 +16,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 # 1. DEX vs ar vs every select:J vs the EAD oracle, K = 4, 2, 8 (one process, 1 thread)
 if want 1; then
 for K in ${KS:-4 2 8}; do
-  "$BIN/dex" bench --explorers "$K" --width 8 --limit "$N" --max-new-tokens "$T" --threads 1 \
+  "$BIN/dex" bench --explorers "$K" --width 8 --limit "$N" --max-new-tokens "$T" --threads 1 --no-compile \
       --profile --out "$OUT/bench-k$K.json"
 done
 fi

@@ -1,0 +1,47 @@
+"""Every benchmark script behind a README figure still runs against the current code.
+
+Each runs as the README runs it (`python worker/benchmarks/<script>.py`), on a tiny
+workload, and must write its JSON with the fields the report reads; the figures
+themselves come from `bash worker/benchmarks/run.sh` on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "worker" / "benchmarks"
+pytestmark = pytest.mark.slow
+
+SCRIPTS = {
+    "round_overhead": (["--rounds", "40", "--repeats", "1", "--configs", "2x1,4x8"], lambda d: d["runs"]),
+    "rpt_vs_width": (["--limit", "2", "--max-new-tokens", "8", "--explorers", "2,4", "--widths", "4"],
+                     lambda d: d["results"]),
+    "step_scaling": (["--no-compile", "--ks", "1,2", "--widths", "1", "--calls", "5", "--repeats", "1"],
+                     lambda d: d["markdown"]),
+    "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
+                 "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_runs(script, tmp_path):
+    args, field = SCRIPTS[script]
+    out = tmp_path / f"{script}.json"
+    res = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args, "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert field(json.loads(out.read_text()))
+
+
+def test_report_renders_every_result_file():
+    res = subprocess.run([sys.executable, str(BENCH / "report.py")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    for heading in ("Rounds per token against the width W", "Explorers on separate devices",
+                    "Coordination per round (null step)", "Explorer steps against 1/K of the full step"):
+        assert heading in res.stdout
