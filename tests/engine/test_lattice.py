@@ -172,6 +172,18 @@ def test_decs_proposes_distinct_tokens_per_node() -> None:
 
 
 @settings(max_examples=120, deadline=None)
+def drive_and_check_ar(lat, m, seed: int, requests: int, new: int, slots: int) -> list:
+    """Run `requests` requests of `new` tokens to the end; each equals ar, and the
+    lattice never holds more live nodes than its slots. Returns the round records."""
+    for i in range(requests):
+        lat.add_request(f"r{i}", i, token=seed + i, position=i)
+    got, records = drive(lat, m, {f"r{i}": new for i in range(requests)})
+    for i in range(requests):
+        assert got[f"r{i}"] == m.autoregressive(seed + i, i, new)
+    assert max(r.live_nodes for r in records) <= slots
+    return records
+
+
 @given(K=st.integers(2, 6), W=st.integers(1, 8), extra_slots=st.integers(0, 12), decs=st.booleans(),
        policy=st.sampled_from(["priority", "oldest"]), mode_pick=st.integers(0, 10), seed=st.integers(0, 10_000),
        requests=st.integers(1, 3), acc=st.lists(st.floats(0, 1), min_size=5, max_size=5))
@@ -179,14 +191,7 @@ def test_lossless_and_invariants_for_any_setting(K, W, extra_slots, decs, policy
     mode = "dex" if mode_pick < 6 else ("ar" if mode_pick < 8 else f"select:{1 + mode_pick % (K - 1)}")
     m = ScriptedModel(explorers=K, accept=tuple(acc[: K - 1]), seed=seed)
     lat = make(K, W=W, slots=requests + extra_slots, mode=mode, decs=decs, policy=policy)
-    want = {}
-    for i in range(requests):
-        lat.add_request(f"r{i}", i, token=seed + i, position=i)
-        want[f"r{i}"] = 12
-    got, records = drive(lat, m, want)
-    for i in range(requests):
-        assert got[f"r{i}"] == m.autoregressive(seed + i, i, 12)
-    assert max(r.live_nodes for r in records) <= requests + extra_slots
+    records = drive_and_check_ar(lat, m, seed, requests, 12, slots=requests + extra_slots)
     if requests == 1:
         assert len(records) >= 12  # at most one commit per round per request
 
@@ -267,12 +272,5 @@ def test_budget_aware_policy_stays_equal_to_ar(K, widths, extra_slots, decs, see
     m = ScriptedModel(explorers=K, accept=tuple(acc[: K - 1]), seed=seed, candidates=candidates)
     lat = Lattice(LatticeConfig(explorers=K, widths=tuple(widths[:K]), slots=requests + extra_slots,
                                 spawn_boundaries=frozenset(range(1, K)), decs=decs, policy="priority"))
-    want = {}
-    for i in range(requests):
-        lat.add_request(f"r{i}", i, token=seed + i, position=i)
-        want[f"r{i}"] = 20
-    got, records = drive(lat, m, want)
-    for i in range(requests):
-        assert got[f"r{i}"] == m.autoregressive(seed + i, i, 20)
-    assert max(r.live_nodes for r in records) <= requests + extra_slots
+    records = drive_and_check_ar(lat, m, seed, requests, 20, slots=requests + extra_slots)
     assert all(len(rows) <= w for r in records for rows, w in zip(r.explorers, widths))
