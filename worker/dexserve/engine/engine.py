@@ -105,8 +105,11 @@ class DexEngine:
         slots = config.slots or (sum(widths) + config.max_batch)
         if slots < config.max_batch:
             raise ValueError(f"slots ({slots}) must be at least max_batch ({config.max_batch})")
+        # explorers in their own processes pipeline a prompt's chunks (explorer k on chunk c
+        # while k+1 is on c-1): every chunk of a full-context prompt gets its own hidden rows
+        chunks = -(-config.max_context // config.prefill_chunk) if config.executor == "distributed" else 1
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
-                             prefill_rows=config.prefill_chunk, ancestors=K)
+                             prefill_rows=config.prefill_chunk, ancestors=K, prefill_chunks=chunks)
         return ExecutorSpec(boundaries=even_boundaries(card.num_layers, K), buffers=buffers, widths=widths,
                             candidates=max(1, K - 1), device=config.device, dtype=getattr(torch, config.dtype),
                             compile=config.compile, cuda_graphs=config.cuda_graphs)
