@@ -10,6 +10,7 @@ reaches the client once, in order, whichever attempt produced it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +33,15 @@ from dexserve.v1 import dex_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_ECHO_CHARS = 64          # a client's string quoted back in an error message is cut to this
+
+
+def clipped(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` quoted for an error message, at most `limit` characters of it (a
+    1 MB model name must not come back as a 1 MB status trailer)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
 
 
 @dataclass
@@ -48,29 +58,47 @@ class Served:
 
 
 class DexServicer(dex_pb2_grpc.DexServiceServicer):
-    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None) -> None:
+    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None,
+                 max_streams: int = 1000) -> None:
         self.queue = queue
         self.served = served
         self.observer = observer or GatewayObserver()
+        self.max_streams = max_streams
+        self.open_streams = 0           # Generate/Complete calls in progress (each holds a Redis connection)
+
+    @contextlib.asynccontextmanager
+    async def _stream_slot(self, context: grpc.aio.ServicerContext):
+        """Count this call against `max_streams`; refuse it (before it touches Redis) when full."""
+        if self.open_streams >= self.max_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"gateway stream limit reached ({self.max_streams} open calls; "
+                                f"--max-streams / DEX_MAX_STREAMS): retry later or through another gateway")
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
 
     # ---- RPCs ------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        qreq = await self._admit(request, context)
-        async for chunk in self._follow(qreq.request_id, context):
-            yield chunk
+        async with self._stream_slot(context):
+            qreq = await self._admit(request, context)
+            async for chunk in self._follow(qreq.request_id, context):
+                yield chunk
 
     async def Complete(self, request, context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
-        qreq = await self._admit(request, context)
-        out = pb.CompleteResponse(request_id=qreq.request_id)
-        texts = []
-        async for chunk in self._follow(qreq.request_id, context):
-            out.token_ids.extend(chunk.token_ids)
-            texts.append(chunk.text)
-            if chunk.finish_reason:
-                out.finish_reason = chunk.finish_reason
-                out.usage.CopyFrom(chunk.usage)
-        out.text = "".join(texts)
-        return out
+        async with self._stream_slot(context):
+            qreq = await self._admit(request, context)
+            out = pb.CompleteResponse(request_id=qreq.request_id)
+            texts = []
+            async for chunk in self._follow(qreq.request_id, context):
+                out.token_ids.extend(chunk.token_ids)
+                texts.append(chunk.text)
+                if chunk.finish_reason:
+                    out.finish_reason = chunk.finish_reason
+                    out.usage.CopyFrom(chunk.usage)
+            out.text = "".join(texts)
+            return out
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         card, limits = self.served.card, self.served.limits
@@ -87,7 +115,7 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
                                 f"gateway and workers serve different models: {self.served.mismatch}")
         if not self.served.matches(request.model):
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model: {request.model!r} is not served here (serving {self.served.card.name!r})")
+                                f"model: {clipped(request.model)} is not served here (serving {self.served.card.name!r})")
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id: at most {MAX_REQUEST_ID_CHARS} characters")
@@ -121,6 +149,7 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
     # ---- streaming -------------------------------------------------------
     async def _follow(self, rid: str, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         next_index = 0
+        sent: list[int] = []      # token ids forwarded, by position: a restarted attempt must repeat them
         finished = False
         try:
             async for _entry_id, event in self.queue.events(rid):
@@ -133,10 +162,32 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
                                          commit_unix_nanos=event.commit_unix_nanos)
                 texts = []
                 for tok in event.tokens:
-                    if tok.index == next_index:      # earlier: already sent; later: cannot happen in order
+                    if tok.index == next_index:      # later: cannot happen (every attempt starts at 0, in order)
                         chunk.token_ids.append(tok.token_id)
                         texts.append(tok.text)
+                        sent.append(tok.token_id)
                         next_index += 1
+                    elif tok.index < next_index and sent[tok.index] != tok.token_id:
+                        # A restarted attempt produced another token at a position already sent: never
+                        # splice two different answers; end the stream so the client retries it whole.
+                        finished = True
+                        msg = (f"request {rid}: attempt {event.attempt} produced token {tok.token_id} at position "
+                               f"{tok.index}, where token {sent[tok.index]} was already sent; the answer cannot be "
+                               f"continued exactly (retry the request)")
+                        log.error(msg)
+                        self.observer.on_divergence(rid, tok.index, event.attempt)
+                        self.observer.on_finish(rid, grpc.StatusCode.ABORTED.name, next_index)
+                        await context.abort(grpc.StatusCode.ABORTED, msg)
+                if event.HasField("finish") and event.finish.reason == pb.FINISH_REASON_CANCELLED:
+                    # Only a client attaching after the request was stopped (its last client left, or
+                    # its deadline passed while queued) sees this: what follows is a truncated answer,
+                    # so say so instead of ending the call OK.
+                    finished = True
+                    self.observer.on_finish(rid, grpc.StatusCode.FAILED_PRECONDITION.name, next_index)
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"request_id: request {rid} was cancelled after {next_index} tokens "
+                                        f"(its last client left or its deadline passed); send it again with a "
+                                        f"new request_id")
                 if event.HasField("finish"):
                     texts.append(event.finish.text)
                     chunk.finish_reason = event.finish.reason

@@ -13,10 +13,9 @@ import logging
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from dexserve.queue.codec import fingerprint
-from dexserve.queue.protocol import EVENT_FIELD, REQUEST_FIELD, QueueNames, QueueSettings
+from dexserve.queue.protocol import EVENT_FIELD, RECONNECT_BACKOFF_S, REQUEST_FIELD, TRANSIENT, QueueNames, QueueSettings
 from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ end
 return 0
 """
 
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+__all__ = ["TRANSIENT", "IdConflict", "QueueFull", "RequestQueue", "Submitted"]
 
 
 class Submitted(enum.Enum):
@@ -65,8 +64,12 @@ class IdConflict(Exception):
 
 
 class RequestQueue:
-    def __init__(self, redis: aioredis.Redis, names: QueueNames, settings: QueueSettings) -> None:
+    def __init__(self, redis: aioredis.Redis, names: QueueNames, settings: QueueSettings,
+                 block_ms: int = 2000) -> None:
+        """`block_ms`: how long one XREAD of a token stream waits; keep it below the
+        client's socket timeout, or an idle stream times out its own connection."""
         self.redis = redis
+        self.block_ms = block_ms
         self.names = names
         self.settings = settings
         self._submit = redis.register_script(_SUBMIT)
@@ -85,21 +88,22 @@ class RequestQueue:
             raise IdConflict(f"request_id {rid!r} is in use by a different request")
         return Submitted(status)
 
-    async def events(self, request_id: str, block_ms: int = 5000) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
+    async def events(self, request_id: str) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
         """Every event of the request's token stream from the start, as soon as
         it is written (XREAD BLOCK). Survives Redis restarts by reconnecting and
         resuming after the last id seen; ends only when the caller stops."""
         key = self.names.tokens(request_id)
         last = b"0-0"
-        backoff = 0.05
+        first, largest = RECONNECT_BACKOFF_S
+        backoff = first
         while True:
             try:
-                reply = await self.redis.xread({key: last}, count=256, block=block_ms)
-                backoff = 0.05
+                reply = await self.redis.xread({key: last}, count=256, block=self.block_ms)
+                backoff = first
             except TRANSIENT as exc:
                 log.warning("token stream %s: %s; retrying", key, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, largest)
                 continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:

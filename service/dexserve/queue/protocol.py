@@ -29,6 +29,7 @@ import enum
 from dataclasses import dataclass
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 GROUP = "dex-workers"
 REQUEST_FIELD = b"m"
@@ -42,6 +43,12 @@ class ErrorCode(enum.IntEnum):
     INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]   # the engine refused the request
     ABORTED = grpc.StatusCode.ABORTED.value[0]                     # dead-lettered after max_attempts
     UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]             # the engine failed while decoding it
+
+
+# Errors that mean "Redis is not reachable right now" (restart, failover, network, still loading
+# its AOF: BusyLoadingError is a ConnectionError): callers retry with backoff; anything else is a bug.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+RECONNECT_BACKOFF_S = (0.05, 2.0)      # first and largest wait between tries while Redis is unreachable
 
 
 STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
