@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from dexserve.client import build_request, stream_generate
+from dexserve.client import build_request
 from dexserve.gateway.config import POOL_HEADROOM, GatewayConfig
 from dexserve.gateway.server import BackgroundGateway
 from dexserve.queue.embedded import free_port

@@ -170,3 +170,42 @@ def test_dex_up_autoscaler_survives_its_redis_going_away(standin_model, tmp_path
     finally:
         up.stop()
     assert "Traceback" not in "".join(l for l in up.lines if "autoscale" in l or "dex up" in l)
+
+
+class StepBomb(InstantEngine):
+    """The stand-in, except that a round with a BOMB request raises (a stop check or a numerical error)."""
+
+    def step(self):
+        if any("BOMB" in a.req.prompt for a in self._active.values()):
+            raise ZeroDivisionError("a stop check blew up")
+        return super().step()
+
+
+def test_an_engine_step_error_fails_its_round_and_the_worker_serves_on(make_gateway, redis_server, names,
+                                                                      standin_model):
+    import grpc
+    import pytest
+
+    from dexserve.queue.consumer import WorkerQueue
+    from dexserve.worker.loop import Worker
+
+    from .conftest import TEST_SETTINGS
+
+    engine = StepBomb.load(str(standin_model))
+    client = redis.Redis.from_url(redis_server.url)
+    worker = Worker(engine, WorkerQueue(client, names, TEST_SETTINGS, "in-process-1"), grace_s=1)
+    loop = threading.Thread(target=worker.run, daemon=True)
+    loop.start()
+    try:
+        gw = make_gateway()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream_generate(gw.address, "BOMB", max_new_tokens=5, timeout=15))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "engine error: ZeroDivisionError" in err.value.details()
+        assert loop.is_alive() and engine.active == 0 and not worker.held   # released, not wedged
+        ids, text, positions, _ = collect(stream_generate(gw.address, "fine", max_new_tokens=5, timeout=15))
+        assert (ids, text) == _direct(standin_model, "fine", 5)[:2] and positions == list(range(5))
+    finally:
+        worker.request_stop()
+        loop.join(10)
+        client.close()
