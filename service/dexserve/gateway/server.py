@@ -157,9 +157,13 @@ class Gateway:
             await asyncio.sleep(HEALTH_PERIOD_S)
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Drain: NOT_SERVING, every open stream ends with UNAVAILABLE telling its client to resume
+        (the requests keep running for the resume grace), then the server stops."""
         if self._monitor:
             self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.drain()
         await self.server.stop(grace)
         await self.redis.aclose()
 
