@@ -36,6 +36,7 @@ class ExecutorSpec:
     dtype: torch.dtype = torch.float32
     compile: bool = False         # torch.compile(fullgraph=True) each step
     cuda_graphs: bool = True      # on CUDA, capture each step once and replay
+    row_buckets: bool = True      # a round runs the narrowest built width that holds its rows
     null_step: bool = False       # steps cost nothing (scripted readouts): measures coordination alone
 
     @property
@@ -68,43 +69,97 @@ def even_boundaries(layers: int, explorers: int) -> tuple[int, ...]:
     return tuple(k * layers // explorers for k in range(explorers + 1))
 
 
-Variant = tuple[bool, int]  # (sampled, attention span)
+Variant = tuple[bool, int, int]  # (sampled, attention span, rows)
+
+
+def row_buckets(width: int) -> tuple[int, ...]:
+    """The row counts a CUDA-graph step is captured for: powers of two below W,
+    and W. A round replays the narrowest that holds its rows."""
+    out, b = [], 1
+    while b < width:
+        out.append(b)
+        b *= 2
+    return (*out, width)
 
 
 class StepRunner:
-    """Runs one explorer step at one static width: eager, compiled, or as a CUDA graph.
+    """Runs one explorer step: eager, compiled, or as a CUDA graph.
 
-    A step has a few variants (greedy or sampled, times the attention-span
-    buckets); each is compiled or captured on first use and replayed after."""
+    A round runs only as many rows as it has (the leading rows of the
+    executor's one row array), not the explorer's width W: on the host exactly
+    that many (the compiled step is built with a dynamic row count: one graph
+    for one row, one for any other count), as a CUDA graph the narrowest
+    captured bucket that holds them (`row_buckets`). Other variants: greedy or
+    sampled, times the attention-span buckets; each is compiled or captured at
+    warm-up or on first use and replayed after."""
 
     compiled_variants = 0  # graphs compiled in this process so far (all runners)
 
-    def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec) -> None:
+    def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec, bucketed: bool | None = None) -> None:
+        """`bucketed`: run rounds narrower than `width` (default: the spec's
+        `row_buckets`); prefill runners are not (their chunks are full)."""
         self.step = step
         self.width = width
+        self.narrow = spec.row_buckets if bucketed is None else bucketed
         self.device = torch.device(spec.device)
         self.buckets = span_buckets(spec.buffers.max_context)
         self.compile = spec.compile
+        self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
+        self.on_host = self.device.type == "cpu"
+        # row counts built ahead of time: CUDA graphs per bucket; a compiled host step
+        # one graph for 1 row and one (dynamic) for 2..W
+        self.widths = (row_buckets(width) if self.use_graph else tuple(sorted({1, min(2, width), width}))) \
+            if self.narrow else (width,)
+        self._prefixes: dict[int, tuple[StepInputs, dict[int, StepInputs]]] = {}
         if spec.compile:
             use_compile_cache(cpu=self.device.type == "cpu")
             # dynamo counts graphs per code object, i.e. over every step in this process:
-            # raise its limit by this runner's variants (greedy/sampled x spans)
-            StepRunner.compiled_variants += 2 * len(self.buckets)
+            # raise its limit by this runner's variants (greedy/sampled x spans x row counts)
+            StepRunner.compiled_variants += 2 * len(self.buckets) * len(self.widths)
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, StepRunner.compiled_variants)
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * StepRunner.compiled_variants)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
-        self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
-        self.on_host = self.device.type == "cpu"
         # one captured graph per variant, with its static inputs and output
         self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     def span(self, need: int) -> int:
         return span_for(need, self.buckets)
 
-    def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None) -> torch.Tensor:
+    def rows_for(self, rows: int) -> int:
+        """How many rows a round of `rows` real rows runs."""
+        if not self.narrow:
+            return self.width
+        if not self.use_graph:
+            return max(1, rows)
+        for w in self.widths:
+            if w >= rows:
+                return w
+        raise ValueError(f"{rows} rows, more than the step's width {self.width}")
+
+    def prefix(self, inputs: StepInputs, rows: int) -> StepInputs:
+        """The first `rows` rows of `inputs` (views built once per input array
+        and row count; a compiled step sees the row count of 2 or more as dynamic)."""
+        held = self._prefixes.get(id(inputs))
+        if held is None or held[0] is not inputs:
+            held = self._prefixes[id(inputs)] = (inputs, {})
+        view = held[1].get(rows)
+        if view is None:
+            view = StepInputs(*(t[:rows] for t in inputs.as_tuple()))
+            if self.compile and not self.use_graph and rows > 1:
+                for t in view.as_tuple():
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.width)
+            held[1][rows] = view
+        return view
+
+    def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None,
+                 rows: int | None = None) -> torch.Tensor:
         """`span`: the bucket for the round (`span_for` of the longest hi - lo);
-        computed here from host-side inputs when not given."""
+        computed here from host-side inputs when not given. `rows`: how many
+        leading rows of `inputs` are real (the rest is padding; default: all);
+        the candidates returned have one row per row run (`rows_for`)."""
+        if rows is not None and self.narrow:
+            inputs = self.prefix(inputs, self.rows_for(rows))
         if self.on_host:
             if span is None:
                 span = self.span(int((inputs.hi.numpy() - inputs.lo.numpy()).max()))
@@ -116,7 +171,7 @@ class StepRunner:
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
             return self.fn(*args, sampled=sampled, span=span)
-        variant = (sampled, span)
+        variant = (sampled, span, args[0].shape[0])
         if variant not in self.graphs:
             self.graphs[variant] = self._capture(variant)
         graph, static_in, static_out = self.graphs[variant]
@@ -138,14 +193,15 @@ class StepRunner:
         pad = RowPacker.padding(self.step.spec, self.width)
         for s in sampled:
             for span in self.buckets:
-                self(pad, s, span)
+                for rows in self.widths:
+                    self(pad, s, span, rows)
 
     def _capture(self, variant: Variant):
         """Warm up on a side stream, then capture with static input buffers.
         The warm-up and capture inputs are padding rows (scratch KV and hidden
         rows), so capturing changes no real state."""
-        sampled, span = variant
-        pad = RowPacker.padding(self.step.spec, self.width)
+        sampled, span, rows = variant
+        pad = RowPacker.padding(self.step.spec, rows)
         static_in = tuple(p.to(self.device) for p in pad.as_tuple())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -322,7 +378,7 @@ class ReferenceExecutor:
                                        first=(k == 0), device=spec.device, dtype=spec.dtype, hidden=hidden)
                           for k in range(spec.explorers)]
             self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
-            self.prefill_runners = [StepRunner(s, b.prefill_rows, spec) for s in self.steps]
+            self.prefill_runners = [StepRunner(s, b.prefill_rows, spec, bucketed=False) for s in self.steps]
             warm_up(self.runners, self.prefill_runners)
         # each explorer's rows live in one array for the executor's life; the
         # step reads them through torch views of the same memory
@@ -361,7 +417,7 @@ class ReferenceExecutor:
             m, inputs = self.rows[k]
             self.filled[k], need = self.packer.fill(m, rows, self.filled[k])
             t0 = time.perf_counter()
-            outs.append(runner(inputs, sampled, runner.span(need)))
+            outs.append(runner(inputs, sampled, runner.span(need), len(rows)))
             self.step_seconds[k] += time.perf_counter() - t0
             self.step_calls[k] += 1
         # the one host sync of the round

@@ -66,7 +66,8 @@ class _Rank:
             cos, sin = rotary_tables(card, b.max_context, dtype=spec.dtype, device=device)
             step = ExplorerStep(weights, spec.layers(rank), b, cos, sin, spec.candidates,
                                 first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
-            runner, prefill_runner = StepRunner(step, spec.widths[rank], spec), StepRunner(step, b.prefill_rows, spec)
+            runner = StepRunner(step, spec.widths[rank], spec)
+            prefill_runner = StepRunner(step, b.prefill_rows, spec, bucketed=False)
             warm_up([runner], [prefill_runner])
         return cls(rank, spec, step, runner, prefill_runner, PlanCodec(spec), device, transport, payload, cand)
 
@@ -91,7 +92,7 @@ class _Rank:
         sent = None
         if h[c.COUNTS + k]:
             t0 = time.perf_counter()
-            out = self.runner(v.inputs[k], bool(h[c.SAMPLED]), h[c.SPANS + k])
+            out = self.runner(v.inputs[k], bool(h[c.SAMPLED]), h[c.SPANS + k], h[c.COUNTS + k])
             self.step_seconds += time.perf_counter() - t0
             self.step_calls += 1
             self.cand[: out.shape[0]].copy_(out)
