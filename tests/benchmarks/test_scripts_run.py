@@ -23,6 +23,7 @@ SCRIPTS = {
                      lambda d: d["results"]),
     "step_scaling": (["--no-compile", "--ks", "1,2", "--widths", "1", "--calls", "5", "--repeats", "1"],
                      lambda d: d["markdown"]),
+    "prefill_pipeline": (["--limit", "2", "--passes", "1", "--no-compile"], lambda d: d["ms_per_prompt"]["distributed"]),
     "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
                  "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]),
 }
