@@ -29,6 +29,9 @@ def parse_mode(mode: str, explorers: int) -> frozenset[int]:
     raise ValueError(f"unknown mode {mode!r} (use dex, ar or select:J)")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class EngineConfig:
     explorers: int = 4
@@ -44,7 +47,7 @@ class EngineConfig:
     executor: ExecutorKind = "reference"
     transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (see resolved_dtype)
     compile: bool = False
     cuda_graphs: bool = True
     threads: int | None = None            # intra-op threads of this process (and of each explorer process)
@@ -61,6 +64,19 @@ class EngineConfig:
         if self.mode == "ar":
             w = tuple(min(x, max(1, self.max_batch)) for x in w)
         return w
+
+    def resolved_dtype(self, checkpoint_dtype: str | None) -> str:
+        """The dtype the engine computes in. `auto`: the checkpoint's own dtype
+        (config.json `dtype` / `torch_dtype`) on CUDA, float32 on CPU (CPU half
+        precision is slower than float32 for these kernels). Every mode equals
+        `ar` in the same dtype (tests/engine/test_dtypes.py)."""
+        if self.dtype not in DTYPES + ("auto",):
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device.startswith("cuda") and checkpoint_dtype in DTYPES:
+            return checkpoint_dtype
+        return "float32"
 
     @property
     def limits(self) -> Limits:

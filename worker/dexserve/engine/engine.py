@@ -112,7 +112,9 @@ class DexEngine:
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
                              prefill_rows=config.prefill_chunk, ancestors=K, prefill_chunks=chunks)
         return ExecutorSpec(boundaries=even_boundaries(card.num_layers, K), buffers=buffers, widths=widths,
-                            candidates=max(1, K - 1), device=config.device, dtype=getattr(torch, config.dtype),
+                            candidates=max(1, K - 1), device=config.device,
+                            dtype=getattr(torch, config.resolved_dtype(
+                                card.config.get("dtype") or card.config.get("torch_dtype"))),
                             compile=config.compile, cuda_graphs=config.cuda_graphs)
 
     # ---- requests --------------------------------------------------------

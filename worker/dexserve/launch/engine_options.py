@@ -10,7 +10,7 @@ import os
 import shutil
 
 from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
-from dexserve.engine.config import EngineConfig
+from dexserve.engine.config import DTYPES, EngineConfig
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -47,8 +47,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--threads", type=int, default=int(os.environ["DEX_THREADS"]) if os.environ.get("DEX_THREADS") else None,
                    help="torch intra-op threads (env DEX_THREADS; default: 1 per process for --executor distributed, "
                         "i.e. the coordinator and each explorer; torch's default otherwise)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=os.environ.get("DEX_DTYPE", "float32"),
-                   help="weights and activations dtype (env DEX_DTYPE)")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default=os.environ.get("DEX_DTYPE", "auto"),
+                   help="weights and activations dtype (env DEX_DTYPE; default auto: the checkpoint's own dtype "
+                        "on CUDA, float32 on CPU). Every mode equals ar in the same dtype")
     add_limit_arguments(parser)
 
 
