@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from dexserve.engine.adapters import AdapterInfo, resolve_adapters
 from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.config import EngineConfig, parse_mode
@@ -68,6 +69,11 @@ class DexEngine:
             max_context=self.config.max_context))
         self.stats = RunStats(spec.explorers)
 
+    @property
+    def adapters(self) -> AdapterInfo | None:
+        """The boundary adapters this engine reads out through (None: the shared head alone)."""
+        return self.executor.spec.adapters
+
     # ---- construction ----------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
@@ -107,9 +113,11 @@ class DexEngine:
             raise ValueError(f"slots ({slots}) must be at least max_batch ({config.max_batch})")
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
                              prefill_rows=config.prefill_chunk, ancestors=K)
-        return ExecutorSpec(boundaries=even_boundaries(card.num_layers, K), buffers=buffers, widths=widths,
+        boundaries = even_boundaries(card.num_layers, K)
+        return ExecutorSpec(boundaries=boundaries, buffers=buffers, widths=widths,
                             candidates=max(1, K - 1), device=config.device, dtype=getattr(torch, config.dtype),
-                            compile=config.compile, cuda_graphs=config.cuda_graphs)
+                            compile=config.compile, cuda_graphs=config.cuda_graphs,
+                            adapters=resolve_adapters(card, config.adapters, boundaries[1:-1]))
 
     # ---- requests --------------------------------------------------------
     def encode(self, req: GenerationRequest) -> list[int]:
