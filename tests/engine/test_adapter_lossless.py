@@ -93,3 +93,31 @@ def test_trained_adapters_keep_every_mode_identical_to_ar(trained, tiny_dirs, fa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_adapters_do_change_the_proposals(trained, tiny_dirs, family, shape):
     assert readouts_differ(str(tiny_dirs[family]), trained[family, shape], (5, 6, 7, 8, 9))
+
+
+def proposals(eng: DexEngine, prompt: tuple[int, ...]) -> tuple[list[int], list[tuple[int, int]]]:
+    from dexserve.contract.request import GenerationRequest
+
+    eng.reconfigure("dex", True)
+    eng.add(GenerationRequest("d", prompt_ids=prompt, max_new_tokens=NEW, ignore_eos=True))
+    tokens, rows = [], []
+    while eng.active:
+        res = eng.step()
+        tokens += [ev.token_id for ev in res.tokens]
+        rows += [(row.position, row.readout) for ex in res.record.explorers for row in ex]
+    return tokens, rows
+
+
+def test_explorer_processes_load_the_same_adapters(trained, tiny_dirs):
+    """The distributed executor's explorer processes read out through the adapters the coordinator resolved:
+    the same proposals, round by round, as the reference executor."""
+    path, adapters = str(tiny_dirs["qwen3"]), trained["qwen3", "rank4"]
+    # K=3 over 4 layers: explorer 2 (its own process) reads out at depth 2 through its adapter
+    cfg = dict(explorers=3, width=4, max_context=96, max_batch=1, prefill_chunk=8, adapters=adapters)
+    ref = DexEngine.load(path, EngineConfig(**cfg))
+    dist = DexEngine.load(path, EngineConfig(**cfg, executor="distributed", transport="shm"))
+    try:
+        assert dist.adapters == ref.adapters
+        assert proposals(dist, (3, 1, 4, 1, 5)) == proposals(ref, (3, 1, 4, 1, 5))
+    finally:
+        dist.close()

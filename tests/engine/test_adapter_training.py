@@ -204,3 +204,21 @@ def test_generate_json_and_bench_say_which_adapters(tiny_dirs, llama_adapters, c
         dex_main(["bench", *common[:2], "-K", "4", *common[4:], "--adapters", str(llama_adapters), "--prompts",
                   str(prompts), "--max-new-tokens", "4", "--json"])
     assert exit_.value.code == 2 and "grid mismatch" in capsys.readouterr().err
+
+
+def test_data_is_streamed_in_pieces(tmp_path):
+    """A plain-text file is read in pieces of about TEXT_PIECE characters (never whole); JSONL row by row."""
+    from dexserve.training.adapters import TEXT_PIECE, iter_documents
+
+    big = tmp_path / "big.txt"
+    line = "x = compute(a, b)  # a line of code\n"
+    big.write_text(line * (5 * TEXT_PIECE // len(line)))
+    pieces = iter_documents([str(big)])
+    first, end = next(pieces)            # a generator: the rest of the file is not read yet
+    assert not end and TEXT_PIECE <= len(first) < TEXT_PIECE + len(line)
+    rest = list(pieces)
+    assert len(rest) >= 4 and rest[-1][1] and all(not e for _t, e in rest[:-1])
+    assert first + "".join(t for t, _e in rest) == big.read_text()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n\n{"text": "b", "id": 2}\n')
+    assert list(iter_documents([str(rows)])) == [("a", True), ("b", True)]
