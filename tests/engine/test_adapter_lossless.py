@@ -121,3 +121,18 @@ def test_explorer_processes_load_the_same_adapters(trained, tiny_dirs):
         assert proposals(dist, (3, 1, 4, 1, 5)) == proposals(ref, (3, 1, 4, 1, 5))
     finally:
         dist.close()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_adapter_compiles_inside_the_step(trained, tiny_dirs, shape):
+    """The adapter runs inside the explorer step: compiled (fullgraph) it proposes what the eager step does."""
+    import torch
+
+    path, adapters = str(tiny_dirs["llama"]), trained["llama", shape]
+    got = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        eng = DexEngine.load(path, EngineConfig(explorers=2, width=2, max_context=32, max_batch=1, prefill_chunk=4,
+                                                compile=compile_, adapters=adapters))
+        got.append(proposals(eng, (9, 8, 7)))
+    assert got[0] == got[1]
