@@ -4,6 +4,14 @@
 returns the whole CompleteResponse. Both take the same keyword arguments as
 GenerateRequest's fields, plus `token` (bearer) and `tls_ca` (PEM path; TLS
 when given).
+
+Both survive a lost stream: on UNAVAILABLE (a gateway draining for a rolling
+update, a dropped connection, Redis down at submit) they reconnect with backoff
+(`retries` times in a row, CLIENT_BACKOFF_S) using the same request_id (one is
+made up when none is given) and, for streams, `resume_from` = the next position
+they need, so every position arrives once and the request keeps running in its
+worker meanwhile (the queue's resume grace). An UNAVAILABLE that ended the
+request itself (trailing metadata FINAL_METADATA) is not retried.
 """
 
 from __future__ import annotations
@@ -11,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from dexserve.queue.codec import finish_reason_name
+from dexserve.queue.protocol import CLIENT_BACKOFF_S, CLIENT_RETRIES, FINAL_METADATA
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.v1 import dex_pb2_grpc
 
@@ -43,18 +54,62 @@ def _metadata(token: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
 
 
+def retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE that did not end the request itself."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return FINAL_METADATA not in tuple(tuple(m) for m in trailing or ())
+
+
+class _Backoff:
+    def __init__(self, retries: int) -> None:
+        self.retries, self.left, self.delay = retries, retries, CLIENT_BACKOFF_S[0]
+
+    def wait_or_raise(self, exc: grpc.RpcError) -> None:
+        if not retryable(exc) or self.left <= 0:
+            raise exc
+        self.left -= 1
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, CLIENT_BACKOFF_S[1])
+
+    def progress(self) -> None:
+        self.left, self.delay = self.retries, CLIENT_BACKOFF_S[0]
+
+
 def stream_generate(address: str, prompt: str, *, token: str | None = None, tls_ca: str | None = None,
-                    timeout: float | None = None, **fields) -> Iterator[pb.GenerateChunk]:
+                    timeout: float | None = None, retries: int = CLIENT_RETRIES,
+                    **fields) -> Iterator[pb.GenerateChunk]:
+    req = build_request(prompt, **fields)
+    if retries and not req.request_id:
+        req.request_id = uuid.uuid4().hex      # a reconnect must name the request it resumes
+    backoff = _Backoff(retries)
     with channel(address, tls_ca) as ch:
         stub = dex_pb2_grpc.DexServiceStub(ch)
-        yield from stub.Generate(build_request(prompt, **fields), metadata=_metadata(token), timeout=timeout)
+        while True:
+            try:
+                for chunk in stub.Generate(req, metadata=_metadata(token), timeout=timeout):
+                    req.resume_from = chunk.position + len(chunk.token_ids)
+                    backoff.progress()
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                backoff.wait_or_raise(exc)
 
 
 def complete(address: str, prompt: str, *, token: str | None = None, tls_ca: str | None = None,
-             timeout: float | None = None, **fields) -> pb.CompleteResponse:
+             timeout: float | None = None, retries: int = CLIENT_RETRIES, **fields) -> pb.CompleteResponse:
+    req = build_request(prompt, **fields)
+    if retries and not req.request_id:
+        req.request_id = uuid.uuid4().hex
+    backoff = _Backoff(retries)
     with channel(address, tls_ca) as ch:
         stub = dex_pb2_grpc.DexServiceStub(ch)
-        return stub.Complete(build_request(prompt, **fields), metadata=_metadata(token), timeout=timeout)
+        while True:
+            try:
+                return stub.Complete(req, metadata=_metadata(token), timeout=timeout)
+            except grpc.RpcError as exc:
+                backoff.wait_or_raise(exc)
 
 
 def run_generate_cli(args: argparse.Namespace) -> int:

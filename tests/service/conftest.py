@@ -20,9 +20,10 @@ from dexserve.gateway.config import GatewayConfig
 from dexserve.queue.embedded import EmbeddedRedis
 from dexserve.queue.protocol import QueueNames, QueueSettings
 
-# Fast timings for tests: a dead worker's entries are claimed after 1 s.
+# Fast timings for tests: a dead worker's entries are claimed after 1 s; a client that leaves
+# cancels at once (tests of resuming set a grace period of their own).
 TEST_SETTINGS = QueueSettings(maxlen=1000, claim_idle_ms=1000, heartbeat_interval_s=0.2, heartbeat_ttl_s=2,
-                              max_attempts=3)
+                              max_attempts=3, resume_grace_s=0.0)
 
 
 def queue_flags(url: str, names: QueueNames, settings: QueueSettings) -> list[str]:

@@ -91,3 +91,88 @@ def test_dead_explorer_fails_the_stream_with_unavailable_and_the_worker_recovers
     got = collect(stream_generate(gw.address, "def add(a, b):", max_new_tokens=12, request_id=uuid.uuid4().hex,
                                   timeout=120))
     assert (got[0], got[1]) == (ids, text)             # fresh explorers serve the next request exactly
+
+
+def _holders(client, names) -> dict[str, int]:
+    """request id -> pid of the worker holding it (consumer name host-pid)."""
+    from dexserve.queue.protocol import GROUP
+
+    out = {}
+    for row in client.xpending_range(names.requests, GROUP, "-", "+", 100):
+        entry = client.xrange(names.requests, row["message_id"], row["message_id"])
+        if entry:
+            rid = pb.QueuedRequest.FromString(entry[0][1][b"m"]).request_id
+            out[rid] = int(row["consumer"].decode().rsplit("-", 1)[1])
+    return out
+
+
+def test_kill9_with_the_shipped_model_restarts_reproduce_every_token(make_gateway, workers, rclient, names):
+    """Exactly once with the real engine: two workers serve a greedy and a seeded sampled stream
+    of the shipped model in one batch; the worker holding them is killed with -9 mid-stream. The
+    survivor restarts them from position 0 and the gateway compares every repeated position with
+    what it sent (a different token would end the call ABORTED): both streams complete OK and
+    equal the engine's direct output token for token."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from dexserve.contract.model_card import shipped_model_dir
+
+    from .helpers import token_events
+
+    model = shipped_model_dir()
+    flags = ["--explorers", "2", "--width", "2", "--max-batch", "2", "--max-context", "256", "--no-compile"]
+    cfg = engine_mod.EngineConfig(explorers=2, width=2, max_batch=2, max_context=256)
+    direct = engine_mod.DexEngine.load(str(model), cfg)
+    cases = {"greedy": ("def fibonacci(n):", SamplingParams()),
+             "sampled": ("import json\n", SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=2**63 + 12345))}
+    n = 48
+    want = {}
+    for name, (prompt, s) in cases.items():
+        req = GenerationRequest(name, prompt, n, s)
+        ids, text, _ = run_direct(direct, req)
+        want[name] = (ids, text)
+        assert len(ids) >= 16, f"{name}: the direct run ends too early to kill a worker mid-stream"
+    direct.close()
+    gw = make_gateway(model=str(model), max_context=256)
+    procs = {p.pid: p for p in (workers.start(*flags, engine="dex", model=model),
+                                workers.start(*flags, engine="dex", model=model))}
+    workers.wait_ready(rclient, 2, timeout=180)
+    rids = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in cases}
+    got: dict[str, object] = {}
+    progress = {name: 0 for name in cases}
+
+    def stream(name):
+        prompt, s = cases[name]
+        chunks = []
+        try:
+            for chunk in stream_generate(gw.address, prompt, max_new_tokens=n, temperature=s.temperature,
+                                         top_k=s.top_k, top_p=s.top_p, seed=s.seed, request_id=rids[name],
+                                         timeout=300):
+                chunks.append(chunk)
+                progress[name] += len(chunk.token_ids)
+            got[name] = collect(chunks)
+        except Exception as exc:
+            got[name] = exc
+
+    threads = [threading.Thread(target=stream, args=(name,)) for name in cases]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while min(progress.values()) < 6:
+        assert time.monotonic() < deadline, f"no progress: {progress}\n{workers.logs()}"
+        time.sleep(0.05)
+    victim = _holders(rclient, names).get(rids["greedy"])
+    assert victim in procs, "the greedy request is not held by a worker"
+    os.kill(victim, signal.SIGKILL)
+    procs[victim].wait()
+    for t in threads:
+        t.join(300)
+    for name in cases:
+        assert not isinstance(got[name], Exception), f"{name}: {got[name]}"
+        ids, text, positions, reason = got[name]
+        assert positions == list(range(len(want[name][0]))), f"{name}: a gap or a duplicate position"
+        assert (ids, text) == want[name], f"{name}: the restarted attempt changed the answer"
+    attempts = {e.attempt for e in token_events(rclient, names, rids["greedy"])}
+    assert attempts == {1, 2}, f"the greedy request was not restarted: attempts {attempts}"

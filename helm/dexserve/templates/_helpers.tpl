@@ -110,6 +110,8 @@ processes use. Internal mode builds the URL with $(REDIS_PASSWORD) dependent exp
 {{- end }}
 - name: DEX_QUEUE_PREFIX
   value: {{ .Values.queue.prefix | quote }}
+- name: DEX_RESUME_GRACE_S
+  value: {{ .Values.queue.resumeGraceSeconds | quote }}
 {{- include "dex.limitsEnv" . }}
 {{- end -}}
 

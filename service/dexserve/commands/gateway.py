@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-card-wait", type=float, default=float(env("DEX_MODEL_CARD_WAIT_S", 45)),
                         help="seconds to wait for the workers' card to match before refusing to start "
                              "(env DEX_MODEL_CARD_WAIT_S; a rollout's old workers may still hold the key)")
+    parser.add_argument("--max-streams", type=int, default=int(env("DEX_MAX_STREAMS", GatewayConfig.max_streams)),
+                        help="open Generate/Complete calls this gateway serves at once; one more is "
+                             "RESOURCE_EXHAUSTED (env DEX_MAX_STREAMS; sizes the Redis connection pool)")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
 
@@ -41,7 +44,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, model=args.model,
                          limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, names=names, settings=settings,
-                         check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait)
+                         check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait,
+                         max_streams=args.max_streams)
 
 
 def run(args: argparse.Namespace) -> int:

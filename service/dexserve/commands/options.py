@@ -36,13 +36,17 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-attempts", type=int, default=_env_int("DEX_MAX_ATTEMPTS", d.max_attempts),
                    help="deliveries before a request is dead-lettered")
     g.add_argument("--token-ttl", type=int, default=_env_int("DEX_TOKEN_TTL_S", d.token_ttl_s))
+    g.add_argument("--resume-grace", type=float,
+                   default=float(os.environ.get("DEX_RESUME_GRACE_S", d.resume_grace_s)),
+                   help="seconds a request keeps running after its last client left, so that a client "
+                        "can reconnect and resume it (env DEX_RESUME_GRACE_S; 0: cancel at once)")
 
 
 def queue_from_args(args: argparse.Namespace) -> tuple[QueueNames, QueueSettings]:
     settings = QueueSettings(
         maxlen=args.queue_maxlen, claim_idle_ms=args.claim_idle_ms,
         heartbeat_interval_s=args.heartbeat_interval, max_attempts=args.max_attempts,
-        token_ttl_s=args.token_ttl, idempotency_ttl_s=args.token_ttl,
+        token_ttl_s=args.token_ttl, idempotency_ttl_s=args.token_ttl, resume_grace_s=args.resume_grace,
         heartbeat_ttl_s=max(2, int(args.heartbeat_interval * 5)))
     return QueueNames(args.queue_prefix), settings
 
@@ -52,7 +56,7 @@ def queue_flags(args: argparse.Namespace) -> list[str]:
     return ["--redis-url", args.redis_url, "--queue-prefix", args.queue_prefix,
             "--queue-maxlen", str(args.queue_maxlen), "--claim-idle-ms", str(args.claim_idle_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--max-attempts", str(args.max_attempts),
-            "--token-ttl", str(args.token_ttl)]
+            "--token-ttl", str(args.token_ttl), "--resume-grace", str(args.resume_grace)]
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:

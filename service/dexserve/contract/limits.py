@@ -20,6 +20,11 @@ class Limits:
     max_stop_strings: int = 8
     max_stop_chars: int = 64
     max_prompt_chars: int = 200_000
+    # A sampled request's temperature (0 = greedy). The engine samples in float32: a temperature
+    # above float32's range failed inside the engine, and one near 0 divides the logits to inf
+    # (NaN scores); between these bounds every value is exact and finite.
+    min_temperature: float = 0.01
+    max_temperature: float = 100.0
 
     def __post_init__(self) -> None:
         if self.max_context < 2:

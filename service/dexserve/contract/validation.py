@@ -31,10 +31,15 @@ def validate_request(req: GenerationRequest, limits: Limits, prompt_tokens: int 
     s = req.sampling
     if not math.isfinite(s.temperature) or s.temperature < 0:
         raise InvalidRequest("temperature", f"must be a finite number >= 0, got {s.temperature}")
+    if s.temperature != 0 and not limits.min_temperature <= s.temperature <= limits.max_temperature:
+        raise InvalidRequest("temperature", f"must be 0 (greedy) or in [{limits.min_temperature:g}, "
+                                            f"{limits.max_temperature:g}], got {s.temperature:g}")
     if s.top_k < 0:
         raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {s.top_k}")
     if not math.isfinite(s.top_p) or not 0.0 < s.top_p <= 1.0:
         raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
+    if not 0 <= s.seed < 1 << 64:
+        raise InvalidRequest("seed", f"must be in [0, 2**64), got {s.seed}")
     if len(req.stop) > limits.max_stop_strings:
         raise InvalidRequest("stop", f"at most {limits.max_stop_strings} stop strings, got {len(req.stop)}")
     for stop in req.stop:

@@ -15,17 +15,25 @@ EXEMPT = ("/grpc.health.v1.Health/",)
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that answers UNAUTHENTICATED. A response-streaming
+    one is an async generator, as the servicer's is: an outer interceptor (telemetry)
+    iterates it with `async for`, which a plain coroutine would fail with a TypeError
+    (the client then saw UNKNOWN)."""
     async def abort(_request, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - abort raises; the yield makes this an async generator
 
     kwargs = dict(request_deserializer=handler.request_deserializer,
                   response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
 
 

@@ -27,3 +27,29 @@ class GatewayConfig:
     # A differing card at start may be the old workers' during a rollout: re-read it this long
     # before refusing to start (the new workers publish theirs once their model has loaded).
     model_card_wait_s: float = 0.0
+    # Open Generate/Complete calls this gateway serves at once; one more is RESOURCE_EXHAUSTED.
+    # Every open call holds one Redis connection (a blocking XREAD), so the connection pool
+    # is sized from this number (`redis_pool_size`), never the other way round.
+    max_streams: int = 1000
+    # Socket timeout of the gateway's Redis connections; the blocking read of a token stream
+    # waits half of it, so an idle stream never times out its own connection.
+    redis_socket_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, got {self.max_streams}")
+        if self.redis_socket_timeout_s <= 0.1:
+            raise ValueError(f"redis_socket_timeout_s must be above 0.1 s, got {self.redis_socket_timeout_s}")
+
+    @property
+    def redis_pool_size(self) -> int:
+        """One connection per open call plus a few for the health loop and short commands."""
+        return self.max_streams + POOL_HEADROOM
+
+    @property
+    def stream_block_ms(self) -> int:
+        """XREAD BLOCK of a token stream: half the socket timeout."""
+        return int(self.redis_socket_timeout_s * 500)
+
+
+POOL_HEADROOM = 8

@@ -19,3 +19,7 @@ class GatewayObserver:
 
     def on_finish(self, request_id: str, status: str, completion_tokens: int) -> None:
         """The call ended; `status` is a grpc status name or a finish reason."""
+
+    def on_divergence(self, request_id: str, position: int, attempt: int) -> None:
+        """A restarted attempt produced a different token at a position already sent:
+        the call ends with ABORTED (never a splice)."""

@@ -84,13 +84,16 @@ class Gateway:
     health: health.aio.HealthServicer
     served: Served | None = None
     config: GatewayConfig | None = None
+    servicer: DexServicer | None = None
     _monitor: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, config: GatewayConfig, observer: GatewayObserver | None = None,
                     served: Served | None = None) -> "Gateway":
         served = served or await asyncio.to_thread(load_served, config)
-        client = aioredis.Redis.from_url(config.redis_url, max_connections=None)
+        client = aioredis.Redis.from_url(config.redis_url, max_connections=config.redis_pool_size,
+                                         socket_timeout=config.redis_socket_timeout_s,
+                                         socket_connect_timeout=config.redis_socket_timeout_s)
         # One model per release: refuse to start when the workers serve another. No card yet
         # (a new release, workers scaled to zero) is not an error: requests queue and wake a
         # worker; the health loop re-checks and refuses requests on a later mismatch.
@@ -107,8 +110,8 @@ class Gateway:
                                 f"set the same model for both (chart value `model`)")
         if diff is None:
             log.warning("no worker has published its model card yet; checking again every %.0f s", HEALTH_PERIOD_S)
-        queue = RequestQueue(client, config.names, config.settings)
-        servicer = DexServicer(queue, served, observer)
+        queue = RequestQueue(client, config.names, config.settings, block_ms=config.stream_block_ms)
+        servicer = DexServicer(queue, served, observer, max_streams=config.max_streams)
         interceptors = list(getattr(observer, "interceptors", ()))   # telemetry first: it sees auth failures
         interceptors += [BearerAuth(config.auth_token)] if config.auth_token else []
         server = grpc.aio.server(interceptors=interceptors)
@@ -127,7 +130,7 @@ class Gateway:
         else:
             port = server.add_insecure_port(address)
         await server.start()
-        gw = cls(server, port, client, health_servicer, served=served, config=config)
+        gw = cls(server, port, client, health_servicer, served=served, config=config, servicer=servicer)
         gw._monitor = asyncio.create_task(gw._watch_redis())
         return gw
 
@@ -154,9 +157,13 @@ class Gateway:
             await asyncio.sleep(HEALTH_PERIOD_S)
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Drain: NOT_SERVING, every open stream ends with UNAVAILABLE telling its client to resume
+        (the requests keep running for the resume grace), then the server stops."""
         if self._monitor:
             self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.drain()
         await self.server.stop(grace)
         await self.redis.aclose()
 

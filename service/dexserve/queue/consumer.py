@@ -145,7 +145,9 @@ class WorkerQueue:
         return int(pipe.execute()[0])
 
     def is_cancelled(self, request_id: str) -> bool:
-        return bool(self.redis.exists(self.names.cancel(request_id)))
+        """The cancel flag is set and its grace period (if any) is over."""
+        flag, grace = self.redis.mget([self.names.cancel(request_id), self.names.grace(request_id)])
+        return bool(flag) and not grace
 
     def publish_round(self, events: dict[str, pb.StreamEvent], done: dict[str, bytes],
                       watch: list[str]) -> set[str]:
@@ -162,11 +164,12 @@ class WorkerQueue:
             pipe.xdel(self.names.requests, entry_id)
             pipe.delete(self.names.attempts(rid))
         if watch:
-            pipe.mget([self.names.cancel(rid) for rid in watch])
+            pipe.mget([self.names.cancel(rid) for rid in watch] + [self.names.grace(rid) for rid in watch])
         replies = pipe.execute()
         if not watch:
             return set()
-        return {rid for rid, flag in zip(watch, replies[-1]) if flag}
+        flags, graces = replies[-1][:len(watch)], replies[-1][len(watch):]
+        return {rid for rid, flag, grace in zip(watch, flags, graces) if flag and not grace}
 
     def dead_letter(self, entry: Entry, attempt: int, message: str) -> None:
         """Move the entry to the dead-letter stream and tell its client why."""

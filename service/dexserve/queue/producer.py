@@ -13,21 +13,22 @@ import logging
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from dexserve.queue.codec import fingerprint
-from dexserve.queue.protocol import EVENT_FIELD, REQUEST_FIELD, QueueNames, QueueSettings
+from dexserve.queue.protocol import EVENT_FIELD, RECONNECT_BACKOFF_S, REQUEST_FIELD, TRANSIENT, QueueNames, QueueSettings
 from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# KEYS: requests, idem, subs   ARGV: maxlen, payload, fingerprint, ttl
+# KEYS: requests, idem, subs, cancel, grace   ARGV: maxlen, payload, fingerprint, ttl, field
+# Attaching within a left request's grace period revives it (deletes the pending cancel).
 _SUBMIT = """
 local prev = redis.call('GET', KEYS[2])
 if prev then
   if prev ~= ARGV[3] then return {'conflict', ''} end
   redis.call('INCR', KEYS[3])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
+  if redis.call('DEL', KEYS[5]) == 1 then redis.call('DEL', KEYS[4]) end
   return {'attached', ''}
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'full', ''} end
@@ -37,18 +38,20 @@ redis.call('SET', KEYS[3], 1, 'EX', ARGV[4])
 return {'enqueued', id}
 """
 
-# KEYS: subs, cancel   ARGV: cancel_ttl, cancel(0/1)
-# The last client to leave an unfinished request cancels it; others just detach.
+# KEYS: subs, cancel, grace   ARGV: cancel_ttl, cancel(0/1), grace_ms
+# The last client to leave an unfinished request cancels it (after grace_ms, unless one re-attaches
+# first); others just detach.
 _RELEASE = """
 local n = redis.call('DECR', KEYS[1])
 if n <= 0 and ARGV[2] == '1' then
+  if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) end
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
   return 1
 end
 return 0
 """
 
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+__all__ = ["TRANSIENT", "IdConflict", "QueueFull", "RequestQueue", "Submitted"]
 
 
 class Submitted(enum.Enum):
@@ -65,8 +68,12 @@ class IdConflict(Exception):
 
 
 class RequestQueue:
-    def __init__(self, redis: aioredis.Redis, names: QueueNames, settings: QueueSettings) -> None:
+    def __init__(self, redis: aioredis.Redis, names: QueueNames, settings: QueueSettings,
+                 block_ms: int = 2000) -> None:
+        """`block_ms`: how long one XREAD of a token stream waits; keep it below the
+        client's socket timeout, or an idle stream times out its own connection."""
         self.redis = redis
+        self.block_ms = block_ms
         self.names = names
         self.settings = settings
         self._submit = redis.register_script(_SUBMIT)
@@ -75,7 +82,8 @@ class RequestQueue:
     async def submit(self, qreq: pb.QueuedRequest) -> Submitted:
         rid = qreq.request_id
         status, _ = await self._submit(
-            keys=[self.names.requests, self.names.idempotency(rid), self.names.subscribers(rid)],
+            keys=[self.names.requests, self.names.idempotency(rid), self.names.subscribers(rid),
+                  self.names.cancel(rid), self.names.grace(rid)],
             args=[self.settings.maxlen, qreq.SerializeToString(), fingerprint(qreq.request),
                   self.settings.idempotency_ttl_s, REQUEST_FIELD])
         status = status.decode() if isinstance(status, bytes) else status
@@ -85,33 +93,35 @@ class RequestQueue:
             raise IdConflict(f"request_id {rid!r} is in use by a different request")
         return Submitted(status)
 
-    async def events(self, request_id: str, block_ms: int = 5000) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
+    async def events(self, request_id: str) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
         """Every event of the request's token stream from the start, as soon as
         it is written (XREAD BLOCK). Survives Redis restarts by reconnecting and
         resuming after the last id seen; ends only when the caller stops."""
         key = self.names.tokens(request_id)
         last = b"0-0"
-        backoff = 0.05
+        first, largest = RECONNECT_BACKOFF_S
+        backoff = first
         while True:
             try:
-                reply = await self.redis.xread({key: last}, count=256, block=block_ms)
-                backoff = 0.05
+                reply = await self.redis.xread({key: last}, count=256, block=self.block_ms)
+                backoff = first
             except TRANSIENT as exc:
                 log.warning("token stream %s: %s; retrying", key, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, largest)
                 continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
                     yield entry_id, pb.StreamEvent.FromString(fields[EVENT_FIELD])
 
-    async def release(self, request_id: str, cancel: bool) -> bool:
-        """Detach one client; with `cancel`, the last one out sets the cancel flag.
-        Returns whether the flag was set."""
+    async def release(self, request_id: str, cancel: bool, grace: bool = True) -> bool:
+        """Detach one client; with `cancel`, the last one out sets the cancel flag, which
+        applies after `resume_grace_s` (`grace`) or at once. Returns whether the flag was set."""
+        grace_ms = int(self.settings.resume_grace_s * 1000) if grace else 0
         done = await self._release(
-            keys=[self.names.subscribers(request_id), self.names.cancel(request_id)],
-            args=[self.settings.cancel_ttl_s, "1" if cancel else "0"])
+            keys=[self.names.subscribers(request_id), self.names.cancel(request_id), self.names.grace(request_id)],
+            args=[self.settings.cancel_ttl_s, "1" if cancel else "0", grace_ms])
         return bool(done)
 
     async def depth(self) -> int:

@@ -5,6 +5,9 @@ Keys (prefix `dex` by default; tests use a prefix of their own):
 - `dex:requests`             Stream of QueuedRequest (field `m`), read by group `dex-workers`.
 - `dex:tokens:<id>`          Stream of StreamEvent (field `e`) for one request; EXPIRE token_ttl.
 - `dex:cancel:<id>`          String flag set by the gateway; checked by the worker every round.
+- `dex:grace:<id>`           Set (PX resume_grace) with the cancel flag when the last client left early:
+                             while it lives the worker keeps running the request, and a client that
+                             re-attaches (same id and body) deletes both; once it expires the flag applies.
 - `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach).
 - `dex:subs:<id>`            Number of clients attached to the request's token stream.
 - `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
@@ -29,6 +32,7 @@ import enum
 from dataclasses import dataclass
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 GROUP = "dex-workers"
 REQUEST_FIELD = b"m"
@@ -42,6 +46,21 @@ class ErrorCode(enum.IntEnum):
     INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]   # the engine refused the request
     ABORTED = grpc.StatusCode.ABORTED.value[0]                     # dead-lettered after max_attempts
     UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]             # the engine failed while decoding it
+
+
+# Errors that mean "Redis is not reachable right now" (restart, failover, network, still loading
+# its AOF: BusyLoadingError is a ConnectionError): callers retry with backoff; anything else is a bug.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+RECONNECT_BACKOFF_S = (0.05, 2.0)      # first and largest wait between tries while Redis is unreachable
+
+
+# Trailing metadata on a call that ended because its *request* ended (an error event from the
+# worker): re-attaching would replay the same end, so clients do not retry it.
+FINAL_METADATA = ("dex-final", "1")
+# What a client does on UNAVAILABLE without FINAL_METADATA (gateway draining, connection lost,
+# Redis down at submit): reconnect with the same request_id and resume_from, this many times.
+CLIENT_RETRIES = 6
+CLIENT_BACKOFF_S = (0.2, 3.0)
 
 
 STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
@@ -74,6 +93,10 @@ class QueueNames:
 
     def cancel(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{request_id}"
+
+    def grace(self, request_id: str) -> str:
+        """Present while a request whose last client left may still be resumed (see `cancel`)."""
+        return f"{self.prefix}:grace:{request_id}"
 
     def idempotency(self, request_id: str) -> str:
         return f"{self.prefix}:idem:{request_id}"
@@ -110,9 +133,14 @@ class QueueSettings:
     heartbeat_ttl_s: int = 10
     max_attempts: int = 3              # deliveries before a request is dead-lettered
     dead_maxlen: int = 10_000
+    # A request whose last client left early keeps running this long, so that the client (or its
+    # retry through another gateway) can re-attach and resume; then it is cancelled. 0: at once.
+    resume_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s * 1000 >= self.claim_idle_ms:
             raise ValueError("heartbeat_interval_s must be well below claim_idle_ms")
+        if self.resume_grace_s < 0:
+            raise ValueError("resume_grace_s must be >= 0")
         if self.max_attempts < 1 or self.maxlen < 1:
             raise ValueError("max_attempts and maxlen must be positive")

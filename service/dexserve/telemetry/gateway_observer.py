@@ -169,6 +169,14 @@ class GatewayTelemetry(GatewayObserver, grpc.aio.ServerInterceptor):
         if server.is_recording():
             server.add_event(t.FIRST_TOKEN_EVENT)
 
+    def on_divergence(self, request_id: str, position: int, attempt: int) -> None:
+        if self.metrics is not None:
+            self.metrics.divergences.inc()
+        server = trace.get_current_span()
+        if server.is_recording():
+            server.add_event(t.DIVERGENCE_EVENT, {"dex.position": position, "dex.attempt": attempt,
+                                                  t.REQUEST_ID: request_id})
+
     def on_finish(self, request_id: str, status: str, completion_tokens: int) -> None:
         if self.metrics is not None and completion_tokens:
             self.metrics.streamed_tokens.inc(completion_tokens)

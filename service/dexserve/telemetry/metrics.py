@@ -49,6 +49,10 @@ class GatewayMetrics:
                                   ["method"], buckets=LATENCY_BUCKETS, registry=registry)
         self.streamed_tokens = Counter("dex_gateway_streamed_tokens", "Tokens passed on to clients",
                                        registry=registry)
+        self.divergences = Counter("dex_gateway_divergences",
+                                   "Streams ended ABORTED because a restarted attempt produced a different token "
+                                   "at a position already sent (must stay 0: tokens are a function of the seed)",
+                                   registry=registry)
         self.enqueued = Counter("dex_gateway_enqueued_requests", "Requests put on the queue (attached: joined a running one)",
                                 ["attached"], registry=registry)
 

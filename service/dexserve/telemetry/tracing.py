@@ -49,6 +49,7 @@ DECODE_SPAN = "decode"
 COMMIT_EVENT = "dex.commit"
 COLLAPSE_EVENT = "dex.collapse"
 FIRST_TOKEN_EVENT = "dex.first_token"
+DIVERGENCE_EVENT = "dex.divergence"          # a restarted attempt differs from what was sent (stream ABORTED)
 
 # ---- attribute keys (GenAI and messaging semantic conventions, then dex.*) ----
 GEN_AI_OPERATION = "gen_ai.operation.name"

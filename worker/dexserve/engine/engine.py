@@ -29,6 +29,7 @@ from dexserve.contract.engine import EngineInfo
 from dexserve.contract.model_card import ModelCard, ModelLoadError
 from dexserve.contract.request import (EngineFailure, FinishReason, Finished, GenerationRequest, InvalidRequest,
                                      StepResult, TokenEvent, finish_reason)
+from dexserve.engine.sampling import fold_seed
 from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec
 from dexserve.engine.tokenizer import load_tokenizer
@@ -111,8 +112,11 @@ class DexEngine:
         slots = config.slots or (sum(widths) + config.max_batch)
         if slots < config.max_batch:
             raise ValueError(f"slots ({slots}) must be at least max_batch ({config.max_batch})")
+        # explorers in their own processes pipeline a prompt's chunks (explorer k on chunk c
+        # while k+1 is on c-1): every chunk of a full-context prompt gets its own hidden rows
+        chunks = -(-config.max_context // config.prefill_chunk) if config.executor == "distributed" else 1
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
-                             prefill_rows=config.prefill_chunk, ancestors=K)
+                             prefill_rows=config.prefill_chunk, ancestors=K, prefill_chunks=chunks)
         boundaries = even_boundaries(card.num_layers, K)
         return ExecutorSpec(boundaries=boundaries, buffers=buffers, widths=widths,
                             candidates=max(1, K - 1), device=config.device, dtype=getattr(torch, config.dtype),
@@ -148,15 +152,25 @@ class DexEngine:
         if not self._free_rows:
             raise RuntimeError("engine is full: check has_capacity() before add()")
         index = self._free_rows.pop()
+        added = False
         try:
-            self.executor.set_sampling(index, req.sampling)
+            self.executor.set_sampling(index, dataclasses.replace(req.sampling, seed=fold_seed(req.sampling.seed)))
             if len(ids) > 1:
                 self.executor.prefill(index, ids[:-1])
+            self.lattice.add_request(req.request_id, index, ids[-1], len(ids) - 1)
+            added = True
+            self._active[req.request_id] = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
         except ExecutorFailure as exc:
             self._free_rows.append(index)
             raise self._recover(exc, [req.request_id]) from exc
-        self.lattice.add_request(req.request_id, index, ids[-1], len(ids) - 1)
-        self._active[req.request_id] = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
+        except BaseException:
+            # Anything else failing for this request gives back what it took (its batch row,
+            # its lattice slot), so a refused request never shrinks the engine.
+            if added:
+                self.lattice.remove_request(req.request_id)
+            self._active.pop(req.request_id, None)
+            self._free_rows.append(index)
+            raise
 
     def cancel(self, request_id: str) -> Finished | None:
         act = self._active.get(request_id)

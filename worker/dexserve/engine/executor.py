@@ -264,9 +264,10 @@ class RowPacker:
         self.fill(m, rows, 0)
         return self._inputs(m)
 
-    def fill_prefill(self, m: np.ndarray, index: int, token_ids: Sequence[int], start: int) -> int:
+    def fill_prefill(self, m: np.ndarray, index: int, token_ids: Sequence[int], start: int, chunk: int = 0) -> int:
         """Rows for prompt positions start..start+len-1, written straight to the
-        context; the rest of `m` becomes padding. Returns the longest hi - lo."""
+        context, their hidden states in prefill chunk `chunk`'s rows; the rest of
+        `m` becomes padding. Returns the longest hi - lo."""
         b = self.b
         m[:] = self.pad_row
         n = len(token_ids)
@@ -274,19 +275,24 @@ class RowPacker:
         base = index * b.max_context
         m[:n, 0] = token_ids
         m[:n, 1] = pos
-        m[:n, 2] = b.lattice_slots + np.arange(n)
+        m[:n, 2] = b.lattice_slots + chunk * b.prefill_rows + np.arange(n)
         m[:n, 3] = base + pos
         m[:n, 4] = index
         m[:n, 5] = [self._lo(index, p) for p in pos] if self.window else base
         m[:n, 6] = base + pos
         m[:n, 7:] = (base + pos)[:, None]
-        return int((m[:, 6] - m[:, 5]).max())
+        return prefill_need(m)
 
     def prefill(self, index: int, token_ids: Sequence[int], start: int, width: int) -> StepInputs:
         """Rows for prompt positions start..start+len-1, written straight to the context."""
         m = self._padded(self.b, width)
         self.fill_prefill(m, index, token_ids, start)
         return self._inputs(m)
+
+
+def prefill_need(m: np.ndarray) -> int:
+    """The longest hi - lo of a prefill chunk's rows (picks its attention span)."""
+    return int((m[:, 6] - m[:, 5]).max())
 
 
 def plan_samples(plan: Plan, sampled: Sequence[bool]) -> bool:

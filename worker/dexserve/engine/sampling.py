@@ -27,6 +27,24 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _mix32(x: int) -> int:
+    """hash32 on a Python int in [0, 2**32) (the same Mueller hash); 0 maps to 0."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    return (x >> 16) ^ x
+
+
+def fold_seed(seed: int) -> int:
+    """The request's uint64 seed as the 32-bit noise key the executors use:
+    low half XOR a hash of the high half. Every one of the 64 bits changes the
+    key (seeds 1 and 1 + 2**32 sample differently), and a seed below 2**32 is
+    its own key, so existing seeds keep their outputs. Applied once, at
+    `DexEngine.add`: every executor (reference, distributed) sees the same key."""
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return (seed & _MASK32) ^ _mix32(seed >> 32)
+
+
 def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
     """U(0,1) float32 of shape [rows, vocab], a pure function of (seed, position, index)."""
     s = hash32(seed.to(torch.int64) & _MASK32)

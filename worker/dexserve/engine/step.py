@@ -14,8 +14,9 @@ Buffer layout (the answer to "where does a node's KV live"):
            [R*C, R*C+N)      lattice slots: a speculative node's KV, all layers
            R*C+N             scratch row for padding rows
   hidden   [0, N)            a lattice node's latest hidden state
-           [N, N+P)          prefill rows
-           N+P               scratch
+           [N, N+G*P)        prefill rows: G chunks of P (G > 1 lets the explorers of
+                             one prompt work on different chunks at once)
+           N+G*P             scratch
 A node keeps its KV in its lattice slot while speculative and while it is the
 anchor; when it finishes the last segment (its successor is committed) the
 executor copies its rows to the committed context and frees the slot.
@@ -41,6 +42,7 @@ class BufferSpec:
     lattice_slots: int  # N
     prefill_rows: int   # P
     ancestors: int      # A: ancestor rows per node (incl. itself) = K
+    prefill_chunks: int = 1  # G: prompt chunks in flight at once (their hidden rows)
 
     @property
     def kv_rows(self) -> int:
@@ -55,7 +57,7 @@ class BufferSpec:
 
     @property
     def hidden_rows(self) -> int:
-        return self.lattice_slots + self.prefill_rows + 1
+        return self.lattice_slots + self.prefill_chunks * self.prefill_rows + 1
 
     @property
     def hidden_scratch(self) -> int:

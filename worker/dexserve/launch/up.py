@@ -11,6 +11,11 @@ holds no request (XPENDING per consumer), so busy workers are never
 interrupted; the removed one gets SIGTERM and drains anyway (finishes or
 hands back whatever it took in between). Each change prints a line
 `autoscale: workers=N lag=L (up|down|replace)` on stdout.
+Without autoscaling, `dex up` keeps --workers workers running: one that dies
+(kill -9, a crash) is replaced, printing `supervise: worker pid P exited (CODE);
+started pid Q` (a worker that keeps dying at start is restarted with backoff,
+RESTART_BACKOFF_S). A Redis outage does not stop the autoscaler: it skips
+scaling decisions until Redis answers (workers reconnect by themselves).
 Ctrl-C / SIGTERM stops workers first (they finish or hand back), then the
 gateway, then Redis.
 """
@@ -32,6 +37,8 @@ from dexserve.launch.worker import engine_flags
 
 SCALE_PERIOD_S = 2.0          # default --scale-interval
 SCALE_DOWN_AFTER_S = 30.0     # default --scale-down-after
+RESTART_BACKOFF_S = (1.0, 30.0)   # first and largest delay before replacing a worker that died young
+RESTART_HEALTHY_S = 30.0          # a worker that lived this long resets the backoff
 
 
 HELP = "Start Redis, the gateway and N workers on this machine."
@@ -66,6 +73,9 @@ class Stack:
         self.workers: list[subprocess.Popen] = []
         self.draining: list[subprocess.Popen] = []   # removed by the autoscaler, still finishing their requests
         self.stopping = False
+        self._started: dict[int, float] = {}          # worker pid -> monotonic start time
+        self._restart_delay = RESTART_BACKOFF_S[0]
+        self._next_restart = 0.0
 
     def start(self, n_workers: int | None = None) -> None:
         args = self.args
@@ -89,7 +99,42 @@ class Stack:
 
     def add_worker(self) -> None:
         cmd = [sys.executable, "-m", "dexserve.cli", "worker", *engine_flags(self.args), *queue_flags(self.args)]
-        self.workers.append(subprocess.Popen(cmd))
+        proc = subprocess.Popen(cmd)
+        self.workers.append(proc)
+        self._started[proc.pid] = time.monotonic()
+
+    def reap(self) -> int:
+        """Forget workers that exited (printing each one); returns how many died since the last call.
+        A worker that died young delays the next replacement (doubling, RESTART_BACKOFF_S)."""
+        now = time.monotonic()
+        alive, died = [], 0
+        for w in self.workers:
+            code = w.poll()
+            if code is None:
+                alive.append(w)
+                continue
+            died += 1
+            lived = now - self._started.pop(w.pid, now)
+            print(f"supervise: worker pid {w.pid} exited ({code}) after {lived:.0f} s", flush=True)
+            if lived < RESTART_HEALTHY_S:
+                self._next_restart = now + self._restart_delay
+                self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF_S[1])
+            else:
+                self._restart_delay = RESTART_BACKOFF_S[0]
+        self.workers = alive
+        self.draining = [w for w in self.draining if w.poll() is None]   # reaps the finished ones
+        return died
+
+    def replace_dead(self, target: int) -> int:
+        """Start workers until `target` run (once the restart backoff allows); returns how many started."""
+        started = 0
+        if self.stopping or time.monotonic() < self._next_restart:
+            return 0
+        while len(self.workers) < target:
+            self.add_worker()
+            started += 1
+            print(f"supervise: started worker pid {self.workers[-1].pid} ({len(self.workers)}/{target})", flush=True)
+        return started
 
     def remove_worker(self, busy: set[int] = frozenset()) -> bool:
         """SIGTERM the newest worker that holds nothing; False if all are busy.
@@ -99,6 +144,7 @@ class Stack:
             return False
         proc = idle[-1]
         self.workers.remove(proc)
+        self._started.pop(proc.pid, None)
         proc.send_signal(signal.SIGTERM)
         self.draining.append(proc)
         return True
@@ -110,14 +156,21 @@ class Stack:
         import redis as redis_sync
 
         from dexserve.queue.lag import group_lag
+        from dexserve.queue.protocol import TRANSIENT
 
         names, _ = queue_from_args(self.args)
         client = redis_sync.Redis.from_url(self.args.redis_url)
         idle_since = time.monotonic()
         while not self.stopping and self.healthy():
-            self.workers = [w for w in self.workers if w.poll() is None]
-            self.draining = [w for w in self.draining if w.poll() is None]   # reaps the finished ones
-            lag = group_lag(client, names)
+            self.reap()
+            try:
+                lag = group_lag(client, names)
+            except TRANSIENT as exc:   # Redis restarting: no scaling decision, but keep the floor
+                print(f"autoscale: redis unavailable ({exc}); holding at {len(self.workers)} workers", flush=True)
+                if self.replace_dead(lo):
+                    print(f"autoscale: workers={len(self.workers)} lag=? (replace)", flush=True)
+                time.sleep(self.args.scale_interval)
+                continue
             now = time.monotonic()
             if lag > 0:
                 idle_since = now
@@ -128,9 +181,7 @@ class Stack:
                   and self.remove_worker(self._busy_pids(client, names))):
                 idle_since = now          # one step per cooldown, as KEDA/HPA stabilisation does
                 print(f"autoscale: workers={len(self.workers)} lag={lag} (down)", flush=True)
-            if len(self.workers) < lo:
-                while len(self.workers) < lo:
-                    self.add_worker()
+            if self.replace_dead(lo):
                 print(f"autoscale: workers={len(self.workers)} lag={lag} (replace)", flush=True)
             time.sleep(self.args.scale_interval)
 
@@ -192,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         if hi > lo:
             stack.autoscale(lo, hi)
         while stack.healthy():
+            stack.reap()
+            stack.replace_dead(n_start)
             time.sleep(0.5)
         print("gateway exited", file=sys.stderr)
         return 1

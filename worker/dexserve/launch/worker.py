@@ -63,6 +63,7 @@ def run_worker(settings: WorkerSettings) -> int:
 
     from dexserve.contract.model_card import card_json
     from dexserve.queue.consumer import WorkerQueue
+    from dexserve.queue.protocol import TRANSIENT
     from dexserve.telemetry.process import start_worker_telemetry
     from dexserve.worker.engines import make_engine
     from dexserve.worker.loop import Worker, default_pod_guard
@@ -73,7 +74,10 @@ def run_worker(settings: WorkerSettings) -> int:
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
                         model_card=card_json(engine.card, engine.limits))
-    queue.heartbeat([])                                  # publishes the card now; every heartbeat refreshes it
+    try:
+        queue.heartbeat([])                              # publishes the card now; every heartbeat refreshes it
+    except TRANSIENT as exc:                             # Redis down at start: the loop reconnects
+        log.warning("redis unavailable at start (%s); the heartbeat publishes the card once it is back", exc)
     worker = Worker(engine, queue,
                     observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
                     grace_s=settings.grace_s)

@@ -20,7 +20,7 @@ from dexserve.contract.observer import WorkerObserver
 from dexserve.contract.request import EngineFailure, Finished, FinishReason, InvalidRequest
 from dexserve.queue.codec import finish_message, to_generation_request, token_messages
 from dexserve.queue.consumer import Entry, WorkerQueue
-from dexserve.queue.protocol import ErrorCode
+from dexserve.queue.protocol import RECONNECT_BACKOFF_S, TRANSIENT, ErrorCode
 from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,43 @@ class Worker:
         self._exit = threading.Event()           # the loop has ended: heartbeats stop
         self._stop_deadline: float | None = None
         self._next_claim = 0.0
+        self._backoff = RECONNECT_BACKOFF_S[0]
+        self._down_since: float | None = None
+
+    # ---- Redis outages ---------------------------------------------------
+    def _redis_down(self, exc: BaseException) -> None:
+        """Redis is unreachable (restart, failover): wait with backoff and try again; never exit.
+        What is held stays held (its entries are pending in the group, which AOF keeps)."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("redis unavailable (%s); reconnecting with backoff", exc)
+        time.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_S[1])
+
+    def _redis_ok(self) -> None:
+        if self._down_since is not None:
+            log.warning("redis reachable again after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+        self._backoff = RECONNECT_BACKOFF_S[0]
+
+    def _publish(self, events: dict[str, pb.StreamEvent], done: dict[str, bytes], watch: list[str]) -> set[str]:
+        """publish_round, retried until Redis takes it: a round's tokens are committed in the
+        engine already, so the next round must not run before they are published (a gap would
+        stall the stream). A retry after a partial write repeats events, which the gateway skips."""
+        return self._retrying(lambda: self.queue.publish_round(events, done, watch))
+
+    def _retrying(self, write):
+        """Run a queue write that must not be lost (the engine's state already moved on) until
+        Redis takes it; gives up only when a stop's grace period has run out."""
+        while True:
+            try:
+                out = write()
+                self._redis_ok()
+                return out
+            except TRANSIENT as exc:
+                if self._stop.is_set() and time.monotonic() >= (self._stop_deadline or 0):
+                    raise
+                self._redis_down(exc)
 
     # ---- lifecycle -------------------------------------------------------
     def request_stop(self) -> None:
@@ -79,7 +116,7 @@ class Worker:
             self._stop.set()
 
     def run(self) -> int:
-        self.queue.ensure_group()
+        self._retrying(self.queue.ensure_group)
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -87,16 +124,23 @@ class Worker:
                 if self._stop.is_set():
                     if not self.held or time.monotonic() >= (self._stop_deadline or 0):
                         break
-                else:
-                    self._take()
-                self._drop_lost()
-                if self.engine.active:
-                    self._round()
+                try:
+                    if not self._stop.is_set():
+                        self._take()
+                    self._drop_lost()
+                    if self.engine.active:
+                        self._round()
+                    self._redis_ok()
+                except TRANSIENT as exc:
+                    self._redis_down(exc)
         finally:
             self._hand_back_all()
             self._exit.set()
             beat.join(timeout=2)
-            self.queue.leave()
+            try:
+                self.queue.leave()
+            except TRANSIENT as exc:     # Redis still down: the heartbeat key expires by itself
+                log.warning("could not remove the heartbeat key: %s", exc)
         return 0
 
     # ---- taking work -----------------------------------------------------
@@ -165,6 +209,14 @@ class Worker:
         except EngineFailure as exc:
             self._engine_failed(exc)
             return
+        except Exception as exc:
+            # Not the executor (that is EngineFailure): which request caused it is unknown, so every
+            # request of the round ends with an error and gives back what it holds in the engine;
+            # the worker keeps serving. If even that fails, the engine is broken: exit (and be replaced).
+            log.exception("engine step failed")
+            self._engine_failed(EngineFailure(f"engine error: {type(exc).__name__}: {exc}", list(self.held)),
+                                cancel=True)
+            return
         now = time.time_ns()
         events: dict[str, pb.StreamEvent] = {}
 
@@ -186,7 +238,7 @@ class Worker:
                 done[fin.request_id] = self.held[fin.request_id].entry.entry_id
         watch = [rid for rid in self.held if rid not in done]
         t0 = time.perf_counter()
-        cancelled = self.queue.publish_round(events, done, watch)
+        cancelled = self._publish(events, done, watch)
         publish_s = time.perf_counter() - t0
         self.observer.on_round(result.record, result.tokens, result.finished, publish_s)  # before finish: last commit's event
         for fin in result.finished:
@@ -194,15 +246,18 @@ class Worker:
         if cancelled:
             self._cancel(cancelled)
 
-    def _engine_failed(self, exc: EngineFailure) -> None:
+    def _engine_failed(self, exc: EngineFailure, cancel: bool = False) -> None:
         """The engine lost its requests (an explorer died) and restarted: each
-        client gets UNAVAILABLE with the reason; the worker keeps serving."""
+        client gets UNAVAILABLE with the reason; the worker keeps serving.
+        `cancel`: the engine still holds them; release each one there first."""
         log.error("engine failure: %s", exc)
         for rid in exc.request_ids:
             held = self.held.get(rid)
             if held is None:
                 continue
-            self.queue.fail(held.entry, ErrorCode.UNAVAILABLE, str(exc))
+            if cancel:
+                self.engine.cancel(rid)
+            self._retrying(lambda: self.queue.fail(held.entry, ErrorCode.UNAVAILABLE, str(exc)))
             self.observer.on_request_failed(rid, ErrorCode.UNAVAILABLE, str(exc))
             self._release(rid, Finished(rid, FinishReason.CANCELLED, 0, 0))
 
@@ -219,7 +274,7 @@ class Worker:
                                          finish=finish_message(fin))
             done[rid] = held.entry.entry_id
             fins.append(fin)
-        self.queue.publish_round(events, done, [])
+        self._publish(events, done, [])
         for fin in fins:
             self._release(fin.request_id, fin)
 
@@ -238,6 +293,9 @@ class Worker:
                 ids = [h.entry.entry_id for h in self.held.values()]
             try:
                 owned = self.queue.heartbeat(ids)
+            except TRANSIENT as exc:   # the loop logs the outage once and reconnects
+                log.debug("heartbeat failed: %s", exc)
+                continue
             except Exception:
                 log.exception("heartbeat failed")
                 continue

@@ -175,10 +175,14 @@ class DistributedExecutor:
         self._guard(self._prefill, index, token_ids)
 
     def _prefill(self, index: int, token_ids: Sequence[int]) -> None:
-        P = self.spec.buffers.prefill_rows
-        for start in range(0, len(token_ids), P):
-            need = self.packer.fill_prefill(self.views.prefill_rows, index, token_ids[start:start + P], start)
-            self.views.header[1] = self.local.prefill_runner.span(need)
+        """Up to G chunks per command: the explorers pipeline them (explorer k
+        on chunk c while explorer k+1 is on chunk c-1)."""
+        P, G = self.spec.buffers.prefill_rows, self.spec.buffers.prefill_chunks
+        for first in range(0, len(token_ids), G * P):
+            starts = range(first, min(len(token_ids), first + G * P), P)
+            for c, start in enumerate(starts):
+                self.packer.fill_prefill(self.views.prefill_rows[c], index, token_ids[start:start + P], start, c)
+            self.views.header[1] = len(starts)
             self._send(CMD_PREFILL)
             self.local.prefill()
             self.transport.wait_all()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dexserve.engine.distributed.wire import (CMD_PREFILL, CMD_ROUND, CMD_SAMPLING, CMD_STOP, ExplorerSettings,
                                               PlanCodec, i2f)
-from dexserve.engine.executor import ExecutorSpec, StepRunner, warm_up
+from dexserve.engine.executor import ExecutorSpec, RowPacker, StepRunner, prefill_need, warm_up
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.contract.model_card import ModelCard
 from dexserve.engine.step import ExplorerStep
@@ -75,6 +75,7 @@ class _Rank:
         self.views = self.codec.views(self.payload)
         self.world = self.spec.explorers
         self.handing = not self.transport.shares_hidden
+        self.prefill_rows = RowPacker.buffer(self.spec.buffers, self.spec.buffers.prefill_rows)
 
     @torch.no_grad()
     def round(self) -> torch.Tensor:
@@ -109,22 +110,28 @@ class _Rank:
 
     @torch.no_grad()
     def prefill(self) -> None:
-        """Prefill runs the explorers in sequence: hidden states flow down the pipe."""
+        """The command's prompt chunks in order; hidden states flow down the
+        pipe chunk by chunk, so explorer k works on chunk c while explorer k+1
+        works on chunk c-1 (each chunk has its own hidden rows). A chunk's rows
+        are copied into this rank's own prefill array: the compiled step always
+        reads the same tensors."""
         P = self.spec.buffers.prefill_rows
-        inputs = self.views.prefill_inputs
-        slots = inputs.slot.to(self.device, non_blocking=True)
-        if self.rank > 0:
-            buf = (torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device) if self.handing
-                   else self.step.hidden[:0])  # shared buffer: the rows are already in place
-            self.transport.handoff_recv(buf, self.rank - 1)
-            if self.handing:
-                self.step.hidden.index_copy_(0, slots, buf)
-        self.prefill_runner(inputs, sampled=False, span=int(self.views.header[1]))
-        if self.rank + 1 < self.world:
-            rows = self.step.hidden.index_select(0, slots) if self.handing else self.step.hidden[:0]
-            sent = self.transport.handoff_send(rows, self.rank + 1)
-            if sent is not None:
-                sent.wait()
+        m, inputs = self.prefill_rows
+        for c in range(int(self.views.header[1])):
+            m[:] = self.views.prefill_rows[c]
+            slots = inputs.slot.to(self.device, non_blocking=True)
+            if self.rank > 0:
+                buf = (torch.empty(P, self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
+                       if self.handing else self.step.hidden[:0])  # shared buffer: the rows are already in place
+                self.transport.handoff_recv(buf, self.rank - 1)
+                if self.handing:
+                    self.step.hidden.index_copy_(0, slots, buf)
+            self.prefill_runner(inputs, sampled=False, span=self.prefill_runner.span(prefill_need(m)))
+            if self.rank + 1 < self.world:
+                rows = self.step.hidden.index_select(0, slots) if self.handing else self.step.hidden[:0]
+                sent = self.transport.handoff_send(rows, self.rank + 1)
+                if sent is not None:
+                    sent.wait()
 
     def sampling(self) -> None:
         index, temp, top_k, top_p, seed = self.views.header[1:6].tolist()

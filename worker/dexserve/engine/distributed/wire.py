@@ -12,7 +12,8 @@ Payload layout (int64, `PlanCodec.size` values, allocated once):
     header + off_k          explorer k's rows: [W_k, 7 + A] (token, position, slot,
                             kv_row, request, lo, hi, A ancestor KV rows)
     retire_off              [2, retire_max]: lattice KV rows -> context KV rows
-  prefill: [1] span, rows [P, 7 + A] at `prefill_off` (after the round's regions)
+  prefill: [1] chunks n, rows [G, P, 7 + A] at `prefill_off` (after the round's regions):
+                            chunk c of n fills region c, its hidden rows are chunk c's
   sampling: [1 .. 5] index, temperature (float64 bits), top_k, top_p (bits), seed
 
 Every region sits at a fixed offset, so each side builds its numpy and torch
@@ -71,8 +72,7 @@ class PayloadViews:
     inputs: list[StepInputs]          # the same memory as step inputs
     retire: np.ndarray                # [2, retire_max]
     retire_t: torch.Tensor
-    prefill_rows: np.ndarray          # [P, 7 + A]
-    prefill_inputs: StepInputs
+    prefill_rows: np.ndarray          # [G, P, 7 + A]: one region per prompt chunk
 
 
 class PlanCodec:
@@ -89,7 +89,7 @@ class PlanCodec:
         self.offsets = [self.header + sum(self.sizes[:k]) for k in range(K)]
         self.retire_off = self.header + sum(self.sizes)
         self.retire_max = spec.buffers.max_batch
-        self.prefill_size = spec.buffers.prefill_rows * self.row
+        self.prefill_size = spec.buffers.prefill_chunks * spec.buffers.prefill_rows * self.row
         self.round_size = self.retire_off + 2 * self.retire_max
         self.prefill_off = self.round_size  # its own region: a prefill leaves the round rows as they were
         self.size = self.prefill_off + self.prefill_size
@@ -111,8 +111,9 @@ class PlanCodec:
             off = self.offsets[k]
             rows.append(arr[off:off + w * self.row].reshape(w, self.row))
             inputs.append(self.step_inputs(payload[off:off + w * self.row].view(w, self.row)))
-        P = self.spec.buffers.prefill_rows
-        pre = payload[self.prefill_off:self.prefill_off + self.prefill_size].view(P, self.row)
+        b = self.spec.buffers
+        pre = arr[self.prefill_off:self.prefill_off + self.prefill_size].reshape(b.prefill_chunks, b.prefill_rows,
+                                                                                  self.row)
         r = slice(self.retire_off, self.retire_off + 2 * self.retire_max)
         return PayloadViews(arr, arr[:self.header], rows, inputs, arr[r].reshape(2, self.retire_max),
-                            payload[r].view(2, self.retire_max), pre.numpy(), self.step_inputs(pre))
+                            payload[r].view(2, self.retire_max), pre)
