@@ -46,3 +46,38 @@ def test_report_renders_every_result_file():
     for heading in ("Rounds per token against the width W", "Explorers on separate devices",
                     "Coordination per round (null step)", "Explorer steps against 1/K of the full step"):
         assert heading in res.stdout
+
+
+def test_adapters_benchmark_runs(tmp_path):
+    """worker/benchmarks/adapters.py on a tiny random 'standard' model with adapters trained for it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny
+
+    model = save_tiny("llama", tmp_path / "tiny", layers=4)
+    corpus = tmp_path / "train.jsonl"
+    res = subprocess.run([sys.executable, str(BENCH / "adapters.py"), "corpus", "--out", str(corpus)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["train_files"] > 1000
+    small = tmp_path / "small.jsonl"
+    res = subprocess.run([sys.executable, str(BENCH / "adapters.py"), "selfgen", "--model", str(model), "--corpus",
+                          str(corpus), "--out", str(small), "--minutes", "0", "--threads", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["rows"] == 32 and len(small.read_text().splitlines()) == 32
+    ad = tmp_path / "ad.safetensors"
+    res = subprocess.run([sys.executable, "-m", "dexserve.cli", "train-adapter", "--model", str(model), "--data",
+                          str(small), "-K", "4", "--steps", "3", "--seq", "32", "--batch", "2", "--out", str(ad),
+                          "--no-progress", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):\n"}) + "\n")
+    out = tmp_path / "adapters.json"
+    res = subprocess.run([sys.executable, str(BENCH / "adapters.py"), "run", "--standard", str(model), "--adapters",
+                          f"full={ad}", "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "4", "--ks",
+                          "2,4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"standard", "standard+full", "shipped-early-exit"}
+    assert all(r["by_k"][k]["identical_to_ar"] for r in doc["results"].values() for k in ("2", "4"))
+    assert doc["adapter_training"]["standard+full"]["steps"] == 3

@@ -398,3 +398,45 @@ def test_gateway_and_workers_get_the_same_serving_limits(sets, want) -> None:
     for suffix in ("-gateway", "-worker"):
         env = _env(_pod_spec(docs, suffix)["containers"][0])
         assert (env["DEX_MAX_CONTEXT"]["value"], env["DEX_MAX_NEW_TOKENS"]["value"]) == want, suffix
+
+
+@pytest.mark.parametrize("sets, want, mount", [
+    ((), "auto", None),
+    (("model.adapters.path=none",), "none", None),
+    (("model.adapters.path=/opt/a.safetensors",), "/opt/a.safetensors", None),
+    (("model.source=pvc", "model.pvc.claimName=models", "model.adapters.path=ad/dex_adapters.safetensors"),
+     "/models/ad/dex_adapters.safetensors", None),
+    (("model.adapters.pvc.claimName=adapters", "model.adapters.path=k4.safetensors"), "/adapters/k4.safetensors",
+     {"name": "adapters", "persistentVolumeClaim": {"claimName": "adapters", "readOnly": True}}),
+], ids=["auto", "none", "absolute", "on-model-volume", "own-pvc"])
+def test_worker_adapter_path(sets, want, mount) -> None:
+    """`model.adapters` reaches the workers (only) as DEX_ADAPTERS, with its own read-only volume if asked."""
+    docs = render(sets=sets)
+    spec = _pod_spec(docs, "-worker")
+    c = spec["containers"][0]
+    assert _env(c)["DEX_ADAPTERS"]["value"] == want
+    assert "DEX_ADAPTERS" not in _env(_pod_spec(docs, "-gateway")["containers"][0])
+    if mount:
+        assert mount in spec["volumes"]
+        assert {"name": "adapters", "mountPath": "/adapters", "readOnly": True} in c["volumeMounts"]
+    else:
+        assert all(v["name"] != "adapters" for v in spec["volumes"])
+
+
+def test_relative_adapter_path_needs_a_volume() -> None:
+    r = helm("template", "dex", str(CHART), "--set", "model.adapters.path=a.safetensors", check=False)
+    assert r.returncode != 0 and "model.adapters.path" in r.stderr
+
+
+def test_worker_reads_the_charts_adapter_env() -> None:
+    import argparse
+    import os
+    from unittest import mock
+
+    from dexserve.launch.worker import add_arguments, settings_from_args
+
+    c = _pod_spec(render(sets=("model.adapters.path=/opt/a.safetensors",)), "-worker")["containers"][0]
+    with mock.patch.dict(os.environ, {"DEX_ADAPTERS": _env(c)["DEX_ADAPTERS"]["value"]}):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        assert settings_from_args(parser.parse_args(c["args"][1:])).engine_config.adapters == "/opt/a.safetensors"

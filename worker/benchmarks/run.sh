@@ -70,3 +70,28 @@ if want 9; then
 "$BIN/python" worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs 2x1,4x8,8x16 \
     --out "$OUT/round-overhead.json"
 fi
+
+# 10. boundary adapters on a standard checkpoint (not in the default STEPS: ~50 minutes of training first).
+#     The standard model (same architecture and corpus, no early-exit loss, 18 min at 1 thread), its
+#     training split as JSONL, adapters for the K=8 grid (covers K=2 and 4) for 10 minutes each shape,
+#     then agreement and dex RPT at K=2,4,8 with and without them, beside the shipped early-exit model.
+if want 10; then
+RUNS=${RUNS:-runs}
+"$BIN/python" -m dexserve.training.train_early_exit --out "$RUNS/dexcode-6m-standard" --no-early-exit \
+    --minutes 18 --steps 1400 --threads 1
+"$BIN/python" worker/benchmarks/adapters.py corpus --out "$RUNS/bench/stdlib-train.jsonl"
+"$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/stdlib-train.jsonl" --explorers 8 \
+    --minutes 10 --lr 1e-2 --threads 2 --out "$RUNS/bench/full/dex_adapters.safetensors" --no-progress
+"$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/stdlib-train.jsonl" --explorers 8 \
+    --rank 32 --minutes 10 --lr 1e-2 --threads 2 --out "$RUNS/bench/rank32/dex_adapters.safetensors" --no-progress
+# the model's own outputs as adapter data: 3 min of greedy continuations of training-split windows, 7 min training
+"$BIN/python" worker/benchmarks/adapters.py selfgen --model "$RUNS/dexcode-6m-standard" \
+    --corpus "$RUNS/bench/stdlib-train.jsonl" --out "$RUNS/bench/selfgen/selfgen.jsonl" --minutes 3 --threads 2
+"$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/selfgen/selfgen.jsonl" --explorers 8 \
+    --minutes 7 --lr 1e-2 --threads 2 --out "$RUNS/bench/selfgen/dex_adapters.safetensors" --no-progress
+"$BIN/python" worker/benchmarks/adapters.py run --standard "$RUNS/dexcode-6m-standard" \
+    --adapters full="$RUNS/bench/full/dex_adapters.safetensors" \
+    --adapters rank32="$RUNS/bench/rank32/dex_adapters.safetensors" \
+    --adapters full-selfgen="$RUNS/bench/selfgen/dex_adapters.safetensors" \
+    --limit 20 --max-new-tokens 64 --out "$OUT/adapters.json"
+fi

@@ -234,6 +234,42 @@ copy from a model image or sync from object storage). `shipped`: the model baked
 {{- end }}
 {{- end -}}
 
+{{/*
+Boundary adapters (values `model.adapters`), workers only: DEX_ADAPTERS is auto, none, or the
+adapter file, a relative path resolved under /adapters (its own PVC) or else under /models.
+*/}}
+{{- define "dex.adaptersEnv" -}}
+{{- $a := .Values.model.adapters -}}
+{{- $p := $a.path -}}
+{{- if or (eq $p "auto") (eq $p "none") (hasPrefix "/" $p) -}}
+{{- else if $a.pvc.claimName -}}
+{{- $p = printf "/adapters/%s" $p -}}
+{{- else if ne .Values.model.source "shipped" -}}
+{{- $p = printf "%s/%s" (include "dex.modelMountPath" .) $p -}}
+{{- else -}}
+{{- fail "model.adapters.path: a relative path needs model.adapters.pvc.claimName or a model volume (model.source other than shipped)" -}}
+{{- end }}
+- name: DEX_ADAPTERS
+  value: {{ $p | quote }}
+{{- end -}}
+
+{{- define "dex.adaptersVolumeMounts" -}}
+{{- if .Values.model.adapters.pvc.claimName }}
+- name: adapters
+  mountPath: /adapters
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "dex.adaptersVolumes" -}}
+{{- with .Values.model.adapters.pvc.claimName }}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
+{{- end }}
+{{- end -}}
+
 {{- define "dex.modelInitContainers" -}}
 {{- $m := .Values.model -}}
 {{- if eq $m.source "initContainer" }}

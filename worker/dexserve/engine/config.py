@@ -51,6 +51,7 @@ class EngineConfig:
     compile: bool = False
     cuda_graphs: bool = True
     threads: int | None = None            # intra-op threads of this process (and of each explorer process)
+    adapters: str = "auto"                # boundary adapters: auto (the file next to the model, if any) | none | a path
 
     def widths(self) -> tuple[int, ...]:
         """Rows per explorer step. Mode `ar` never spawns: each request has one

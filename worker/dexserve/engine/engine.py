@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from dexserve.engine.adapters import AdapterInfo, resolve_adapters
 from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.config import EngineConfig, parse_mode
@@ -69,6 +70,11 @@ class DexEngine:
             max_context=self.config.max_context))
         self.stats = RunStats(spec.explorers)
 
+    @property
+    def adapters(self) -> AdapterInfo | None:
+        """The boundary adapters this engine reads out through (None: the shared head alone)."""
+        return self.executor.spec.adapters
+
     # ---- construction ----------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
@@ -111,11 +117,13 @@ class DexEngine:
         chunks = -(-config.max_context // config.prefill_chunk) if config.executor == "distributed" else 1
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
                              prefill_rows=config.prefill_chunk, ancestors=K, prefill_chunks=chunks)
-        return ExecutorSpec(boundaries=even_boundaries(card.num_layers, K), buffers=buffers, widths=widths,
+        boundaries = even_boundaries(card.num_layers, K)
+        return ExecutorSpec(boundaries=boundaries, buffers=buffers, widths=widths,
                             candidates=max(1, K - 1), device=config.device,
                             dtype=getattr(torch, config.resolved_dtype(
                                 card.config.get("dtype") or card.config.get("torch_dtype"))),
-                            compile=config.compile, cuda_graphs=config.cuda_graphs)
+                            compile=config.compile, cuda_graphs=config.cuda_graphs,
+                            adapters=resolve_adapters(card, config.adapters, boundaries[1:-1]))
 
     # ---- requests --------------------------------------------------------
     def encode(self, req: GenerationRequest) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from dexserve.engine.adapters import AdapterInfo
 from dexserve.engine.lattice import Plan, PlanRow, Readout
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.contract.model_card import ModelCard
@@ -38,6 +39,7 @@ class ExecutorSpec:
     cuda_graphs: bool = True      # on CUDA, capture each step once and replay
     row_buckets: bool = True      # a round runs the narrowest built width that holds its rows
     null_step: bool = False       # steps cost nothing (scripted readouts): measures coordination alone
+    adapters: AdapterInfo | None = None   # boundary adapters, checked against the model and this grid
 
     @property
     def explorers(self) -> int:
@@ -370,7 +372,7 @@ class ReferenceExecutor:
             self.prefill_runners = []
         else:
             weights = load_weights(card, range(card.num_layers), need_embed=True, dtype=spec.dtype,
-                                   device=spec.device)
+                                   device=spec.device, adapters=spec.adapters and spec.adapters.path)
             cos, sin = rotary_tables(card, b.max_context, dtype=spec.dtype, device=spec.device)
             self.packer = RowPacker(b, weights.dims.sliding_window)
             hidden = torch.zeros(b.hidden_rows, weights.dims.hidden, device=spec.device, dtype=spec.dtype)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from dexserve.contract.model_card import ModelCard, ModelLoadError
-
-ADAPTER_FILE = "dex_adapters.safetensors"
+from dexserve.engine.adapters import ADAPTER_FILE, AdapterTensors, read_adapter_file, weight_files  # noqa: F401
+# (ADAPTER_FILE re-exported for older imports: the adapter format's home is dexserve.engine.adapters)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Weights:
     embed: torch.Tensor | None
     final_norm: torch.Tensor
     lm_head: torch.Tensor
-    adapters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    adapters: dict[int, AdapterTensors] = field(default_factory=dict)  # depth -> (A or U, None or V, b)
 
 
 class _SafetensorsIndex:
@@ -102,9 +102,7 @@ class _SafetensorsIndex:
             self.files = {name: path / f for name, f in weight_map.items()}
         else:
             self.files = {}
-            for f in sorted(path.glob("*.safetensors")):
-                if f.name == ADAPTER_FILE:
-                    continue
+            for f in weight_files(path):
                 with safe_open(f, framework="pt") as h:
                     for name in h.keys():
                         self.files[name] = f
@@ -120,9 +118,11 @@ class _SafetensorsIndex:
 
 
 def load_weights(card: ModelCard, layers: range, need_embed: bool, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> Weights:
+                 device: str | torch.device = "cpu", adapters: str | Path | None = None) -> Weights:
     """Read only the tensors for `layers` (and the embedding when asked; the
-    final norm and head are always read: every explorer reads out)."""
+    final norm and head are always read: every explorer reads out), plus the
+    boundary adapters of the file `adapters` (already checked against the
+    model and the grid by `adapters.resolve_adapters`; None = no adapters)."""
     dims = ModelDims.from_config(card.config)
     idx = _SafetensorsIndex(card.path)
 
@@ -153,35 +153,7 @@ def load_weights(card: ModelCard, layers: range, need_embed: bool, dtype: torch.
     if not need_embed and tied:
         embed = None
     return Weights(dims=dims, layers=out, embed=embed, final_norm=t("model.norm.weight"), lm_head=lm_head,
-                   adapters=load_adapters(card.path, dims, dtype, device))
-
-
-def load_adapters(path: Path, dims: ModelDims, dtype: torch.dtype, device) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Optional per-boundary adapters (DEX.md, "Standard models"): a residual
-    linear map h + A h + b in front of the shared norm and head at depth d,
-    stored as `boundary.{d}.weight` / `boundary.{d}.bias`."""
-    f = path / ADAPTER_FILE
-    if not f.is_file():
-        return {}
-    from safetensors.torch import load_file
-
-    raw = load_file(f)
-    adapters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name, tensor in raw.items():
-        parts = name.split(".")
-        if len(parts) != 3 or parts[0] != "boundary" or parts[2] not in ("weight", "bias"):
-            raise ModelLoadError(f"{f}: unexpected tensor {name!r}")
-        depth = int(parts[1])
-        if not 1 <= depth < dims.layers:
-            # the final depth's readout is the committed token: an adapter there would change the output
-            raise ModelLoadError(f"{f}: {name}: adapters apply at depths 1..{dims.layers - 1}, not {depth}")
-        if parts[2] == "weight":
-            if tuple(tensor.shape) != (dims.hidden, dims.hidden):
-                raise ModelLoadError(f"{f}: {name} has shape {tuple(tensor.shape)}, want {(dims.hidden, dims.hidden)}")
-            bias = raw.get(f"boundary.{depth}.bias")
-            adapters[depth] = (tensor.to(device=device, dtype=dtype),
-                               None if bias is None else bias.to(device=device, dtype=dtype))
-    return adapters
+                   adapters=read_adapter_file(Path(adapters), dims.hidden, dims.layers, dtype, device) if adapters else {})
 
 
 def rotary_tables(card: ModelCard, positions: int, dtype: torch.dtype = torch.float32,

@@ -10,7 +10,7 @@ previous one (K for the first commit and for tokens no boundary saw).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from dexserve.contract.records import FALLBACK, RoundRecord
@@ -19,11 +19,22 @@ from dexserve.engine.stats import CommitTally
 
 @dataclass
 class OracleResult(CommitTally):
+    # per boundary j: commits whose token the readout at j (of its predecessor) already equalled
+    hits: dict[int, int] = field(default_factory=dict)
+
     def add(self, other: "OracleResult") -> None:
         self.rounds += other.rounds
         self.commits += other.commits
         for b, n in other.by_boundary.items():
             self.by_boundary[b] = self.by_boundary.get(b, 0) + n
+        for b, n in other.hits.items():
+            self.hits[b] = self.hits.get(b, 0) + n
+
+    @property
+    def agreement(self) -> dict[str, float]:
+        """Per boundary: the share of committed tokens its top-1 readout matched (free-running, greedy)."""
+        return {str(j): round(self.hits.get(j, 0) / self.commits, 4) if self.commits else 0.0
+                for j in range(1, self.explorers)}
 
 
 def ead_oracle(records: Iterable[RoundRecord], explorers: int) -> OracleResult:
@@ -40,6 +51,9 @@ def ead_oracle(records: Iterable[RoundRecord], explorers: int) -> OracleResult:
     for i, (position, token) in enumerate(commits):
         seen = readouts[position - 1]
         ead = next((j for j in range(1, explorers) if seen.get(j) == token), FALLBACK)
+        for j in range(1, explorers):
+            if seen.get(j) == token:
+                result.hits[j] = result.hits.get(j, 0) + 1
         result.commits += 1
         if i == 0:
             result.rounds += explorers      # the first token climbs the whole stack

@@ -116,8 +116,8 @@ class ExplorerStep(nn.Module):
         self.embed = weights.embed if first else None
         self.final_norm = weights.final_norm
         self.lm_head = weights.lm_head
-        adapter = weights.adapters.get(layers.stop)
-        self.adapter_w, self.adapter_b = adapter if adapter else (None, None)
+        adapter = weights.adapters.get(layers.stop)  # (A, None, b): r + A r + b; (U, V, b): r + U (V r) + b
+        self.adapter_w, self.adapter_v, self.adapter_b = adapter if adapter else (None, None, None)
         self.cos, self.sin = cos, sin
         self.spec = spec
         # all of this explorer's K and V in one tensor: layer i's K buffer is rows
@@ -157,7 +157,8 @@ class ExplorerStep(nn.Module):
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
-            r = r + torch.nn.functional.linear(r, self.adapter_w, self.adapter_b)
+            a = r if self.adapter_v is None else torch.nn.functional.linear(r, self.adapter_v)
+            r = r + torch.nn.functional.linear(a, self.adapter_w, self.adapter_b)
         logits = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
         # the readout at this depth proposes the token for position + 1
         if sampled:

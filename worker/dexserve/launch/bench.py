@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from dexserve.launch.report import emit, prompts_from_args
     from dexserve.engine.engine import DexEngine
 
+    from dexserve.contract.model_card import ModelLoadError
+
     card, prompts = prompts_from_args(args)
     K = args.explorers
     modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]
@@ -48,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         run_mode(eng, mode, True, prompts[:1], 4)  # warm-up (compilation, allocator) outside the measurement
         return eng
 
-    engine = load("ar")
+    try:
+        engine = load("ar")
+    except (ModelLoadError, ValueError) as exc:
+        print(f"dex bench: error: {exc}", file=sys.stderr)
+        return 2
     ar_widths = list(engine.executor.spec.widths)
     results: dict[str, dict] = {}
     reference = None
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         results[mode] = r.summary(reference)
         if r.oracle is not None:
             results["ead-oracle"] = {"rpt": r.oracle.rpt, "accept_hist": r.oracle.accept_hist,
+                                     "agreement_by_boundary": r.oracle.agreement,
                                      "tokens": r.oracle.commits, "identical_to_ar": True}
         print(f"[bench] {mode}: rpt={results[mode]['rpt']} tok/s={results[mode]['tokens_per_s']}", file=sys.stderr)
     if args.hf:
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
     meta = {"model": card.name, "explorers": K, "width": args.width, "ar_widths": ar_widths, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
-            "compile": engine.config.compile}
+            "compile": engine.config.compile,
+            "adapters": engine.adapters.as_dict() if engine.adapters else None}
     engine.close()
     emit({"config": meta, "modes": results}, args.out, args.json, format_table)
     return 0
@@ -103,8 +111,10 @@ def round_profile(profiler, rounds: int, top: int = 12) -> dict:
 
 def format_table(doc: dict) -> str:
     cols = ("rpt", "tokens_per_s", "fallback_rate", "wasted_node_segments", "identical_to_ar", "accept_hist")
+    adapters = doc["config"].get("adapters")
     lines = [f"model {doc['config']['model']}  K={doc['config']['explorers']}  W={doc['config']['width']}  "
-             f"prompts={doc['config']['prompts']}  max_new_tokens={doc['config']['max_new_tokens']}",
+             f"prompts={doc['config']['prompts']}  max_new_tokens={doc['config']['max_new_tokens']}  "
+             f"adapters={adapters['path'] if adapters else 'none'}",
              "| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for mode, r in doc["modes"].items():
         if mode == "dex-profile":

@@ -17,6 +17,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=os.environ.get("DEX_MODEL_DIR") or None,
                    help="local checkpoint directory (env DEX_MODEL_DIR; default: the shipped dexcode-6m)")
+    g.add_argument("--adapters", default=os.environ.get("DEX_ADAPTERS") or "auto",
+                   help="boundary adapters (dex train-adapter): a .safetensors file or a directory holding "
+                        "dex_adapters.safetensors, 'none', or 'auto' = dex_adapters.safetensors next to the model "
+                        "if there is one (env DEX_ADAPTERS; default auto)")
     g.add_argument("--explorers", "-K", type=int, default=int(os.environ.get("DEX_EXPLORERS", 4)),
                    help="depth explorers K (2..layers); the layer stack is cut into K even segments")
     g.add_argument("--width", "-W", type=int, default=int(os.environ.get("DEX_WIDTH", 8)),
@@ -62,6 +66,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--mode", args.mode]
     if args.model:
         flags += ["--model", args.model]
+    if args.adapters != "auto":
+        flags += ["--adapters", args.adapters]
     if not args.decs:
         flags.append("--no-decs")
     if args.compile is not None:
@@ -95,4 +101,5 @@ def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineCo
                         decs=args.decs, policy=args.policy, max_context=limits.max_context, max_batch=args.max_batch,
                         executor=args.executor, transport=args.transport, device=args.device,
                         compile=compile_default(args), cuda_graphs=args.cuda_graphs,
-                        max_new_tokens=limits.max_new_tokens, threads=args.threads, dtype=args.dtype)
+                        max_new_tokens=limits.max_new_tokens, threads=args.threads, dtype=args.dtype,
+                        adapters=args.adapters)

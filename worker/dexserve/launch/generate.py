@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
                           "rounds": stats.rounds, "rpt": stats.rpt, "accept_hist": stats.accept_hist,
                           "fallbacks": stats.fallbacks, "wasted_node_segments": stats.wasted_node_segments,
                           "mode": args.mode, "explorers": args.explorers, "width": args.width,
+                          "adapters": engine.adapters.as_dict() if engine.adapters else None,
                           "seconds": round(seconds, 4),
                           "tokens_per_s": round(len(token_ids) / seconds, 2) if seconds > 0 else None}))
     else:

@@ -9,6 +9,11 @@ Face checkpoint (config.json, model.safetensors, tokenizer) that
 
     python -m dexserve.training.train_early_exit --out service/dexserve/models/dexcode-6m --minutes 35
 
+`--no-early-exit` trains the same architecture on the same corpus with the
+ordinary loss only (final layer): a *standard* checkpoint, the kind users
+bring, whose intermediate readouts were never trained (the baseline for
+`dex train-adapter`, worker/benchmarks/adapters.py).
+
 The learning-rate schedule runs on progress = max(step/steps, time/minutes), so
 a time-boxed run still decays fully; the log records the steps reached, and
 `--steps N --minutes 0` replays a run by step count alone.
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", type=int, default=64, help="held-out benchmark prompts to write")
+    p.add_argument("--no-early-exit", dest="early_exit", action="store_false",
+                   help="ordinary next-token loss at the final layer only (a standard checkpoint)")
     p.add_argument("--resume", action="store_true",
                    help="continue training the checkpoint already in --out (its tokenizer is kept)")
     args = p.parse_args(argv)
@@ -131,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
     weights = layer_weights(args.layers)
 
-    def losses(batch: torch.Tensor) -> list[torch.Tensor]:
+    def losses(batch: torch.Tensor, every_depth: bool = True) -> list[torch.Tensor]:
         captured.clear()
         model.model(input_ids=batch[:, :-1])
         out = []
-        for h in captured:
+        for h in (captured if every_depth else captured[-1:]):
             logits = model.lm_head(model.model.norm(h))
             out.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)))
         return out
@@ -156,8 +163,12 @@ def main(argv: list[str] | None = None) -> None:
             g["lr"] = lr
         starts = torch.randint(0, len(data) - args.seq - 1, (args.batch,), generator=gen)
         batch = torch.stack([data[s:s + args.seq + 1] for s in starts.tolist()])
-        per_depth = losses(batch)
-        loss = sum(w * l for w, l in zip(weights, per_depth)) / sum(weights)
+        if args.early_exit:
+            per_depth = losses(batch)
+            loss = sum(w * l for w, l in zip(weights, per_depth)) / sum(weights)
+        else:  # the standard recipe: the final layer's loss only
+            per_depth = losses(batch, every_depth=False)
+            loss = per_depth[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

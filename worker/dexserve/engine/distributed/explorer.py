@@ -62,7 +62,8 @@ class _Rank:
             prefill_runner = NullRunner(b.prefill_rows, rank + 1, spec.explorers, spec.candidates,
                                         card.vocab_size, b)
         else:
-            weights = load_weights(card, spec.layers(rank), need_embed=(rank == 0), dtype=spec.dtype, device=device)
+            weights = load_weights(card, spec.layers(rank), need_embed=(rank == 0), dtype=spec.dtype, device=device,
+                                   adapters=spec.adapters and spec.adapters.path)
             cos, sin = rotary_tables(card, b.max_context, dtype=spec.dtype, device=device)
             step = ExplorerStep(weights, spec.layers(rank), b, cos, sin, spec.candidates,
                                 first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
