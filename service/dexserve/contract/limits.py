@@ -20,6 +20,8 @@ class Limits:
     max_stop_strings: int = 8
     max_stop_chars: int = 64
     max_prompt_chars: int = 200_000
+    max_logprobs: int = 20            # alternatives per token a request may ask for (`logprobs`)
+    max_chat_messages: int = 512      # messages in one chat request
 
     def __post_init__(self) -> None:
         if self.max_context < 2:
