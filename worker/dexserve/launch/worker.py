@@ -72,7 +72,7 @@ def run_worker(settings: WorkerSettings) -> int:
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
-                        model_card=card_json(engine.card, engine.limits))
+                        model_card=card_json(engine.card, engine.limits, logprobs=engine.info.logprobs))
     queue.heartbeat([])                                  # publishes the card now; every heartbeat refreshes it
     worker = Worker(engine, queue,
                     observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
