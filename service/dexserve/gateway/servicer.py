@@ -1,57 +1,25 @@
-"""DexService: maps messages and status codes; the queue and the engine's
-validation do the rest.
-
-Exactly once per position: a restarted request (worker died, entry claimed)
-republishes its tokens from position 0; the stream passes on only the token
-whose index is the next one this client has not seen, so every position
-reaches the client once, in order, whichever attempt produced it.
-"""
+"""DexService: the gRPC door. Maps messages and status codes; `GatewayCore` (core.py)
+admits and follows, the same for both doors."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
-from dexserve.contract.model_card import ModelCard
-from dexserve.contract.request import InvalidRequest
-from dexserve.contract.validation import Limits, validate_request
+from dexserve.gateway.core import GatewayCore, Rejected, Served
 from dexserve.gateway.observer import GatewayObserver
-from dexserve.gateway.wire import BadRequest
-from dexserve.queue.codec import to_generation_request, with_defaults
-from dexserve.queue.protocol import STATUS_BY_VALUE
-from dexserve.queue.producer import TRANSIENT, IdConflict, QueueFull, RequestQueue, Submitted
+from dexserve.queue.producer import RequestQueue
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.v1 import dex_pb2_grpc
 
-log = logging.getLogger(__name__)
-
-MAX_REQUEST_ID_CHARS = 128
-
-
-@dataclass
-class Served:
-    """The model this gateway validates for (and workers serve)."""
-
-    card: ModelCard
-    limits: Limits
-    count_tokens: Callable[[str], int] | None   # None: the workers check the context
-    mismatch: str | None = None                  # set while the workers' published card differs
-
-    def matches(self, name: str) -> bool:
-        return name in ("", self.card.name, str(self.card.path))
-
 
 class DexServicer(dex_pb2_grpc.DexServiceServicer):
-    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None) -> None:
-        self.queue = queue
+    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None,
+                 core: GatewayCore | None = None) -> None:
+        self.core = core or GatewayCore(queue, served, observer)
         self.served = served
-        self.observer = observer or GatewayObserver()
 
     # ---- RPCs ------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
@@ -65,6 +33,7 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
         texts = []
         async for chunk in self._follow(qreq.request_id, context):
             out.token_ids.extend(chunk.token_ids)
+            out.logprobs.extend(chunk.logprobs)
             texts.append(chunk.text)
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason
@@ -76,84 +45,20 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
         card, limits = self.served.card, self.served.limits
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             name=card.name, model_type=card.model_type, num_layers=card.num_layers,
-            max_context=limits.max_context, max_new_tokens=limits.max_new_tokens)])
+            max_context=limits.max_context, max_new_tokens=limits.max_new_tokens,
+            chat=self.served.chat_template is not None)])
 
-    # ---- admission -------------------------------------------------------
+    # ---- status mapping --------------------------------------------------
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> pb.QueuedRequest:
-        if isinstance(request, BadRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if self.served.mismatch:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"gateway and workers serve different models: {self.served.mismatch}")
-        if not self.served.matches(request.model):
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model: {request.model!r} is not served here (serving {self.served.card.name!r})")
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request_id: at most {MAX_REQUEST_ID_CHARS} characters")
-        rid = request.request_id or uuid.uuid4().hex
-        proto = with_defaults(request, rid, self.served.card.name)
-        greq = to_generation_request(proto)
         try:
-            validate_request(greq, self.served.limits, None)      # cheap checks before tokenizing
-            if self.served.count_tokens is not None:
-                n = await asyncio.to_thread(self.served.count_tokens, greq.prompt)
-                validate_request(greq, self.served.limits, n)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
-        qreq = pb.QueuedRequest(request_id=rid, request=proto, enqueued_unix_ms=int(time.time() * 1000))
-        remaining = context.time_remaining()
-        if remaining is not None:
-            qreq.deadline_unix_ms = int((time.time() + remaining) * 1000)
-        self.observer.on_enqueue(rid, False, qreq.trace_context)
-        try:
-            outcome = await self.queue.submit(qreq)
-        except QueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except IdConflict as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {exc}")
-        except TRANSIENT as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {exc}")
-        if outcome is Submitted.ATTACHED:
-            self.observer.on_enqueue(rid, True, qreq.trace_context)
-        return qreq
+            return await self.core.admit(request, context.time_remaining())
+        except Rejected as exc:
+            await context.abort(exc.code, exc.message)
 
-    # ---- streaming -------------------------------------------------------
     async def _follow(self, rid: str, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        next_index = 0
-        finished = False
         try:
-            async for _entry_id, event in self.queue.events(rid):
-                if event.HasField("error"):
-                    finished = True
-                    code = STATUS_BY_VALUE.get(event.error.code, grpc.StatusCode.UNKNOWN)
-                    self.observer.on_finish(rid, code.name, next_index)
-                    await context.abort(code, event.error.message)
-                chunk = pb.GenerateChunk(request_id=rid, position=next_index,
-                                         commit_unix_nanos=event.commit_unix_nanos)
-                texts = []
-                for tok in event.tokens:
-                    if tok.index == next_index:      # earlier: already sent; later: cannot happen in order
-                        chunk.token_ids.append(tok.token_id)
-                        texts.append(tok.text)
-                        next_index += 1
-                if event.HasField("finish"):
-                    texts.append(event.finish.text)
-                    chunk.finish_reason = event.finish.reason
-                    chunk.usage.CopyFrom(event.finish.usage)
-                chunk.text = "".join(texts)
-                if chunk.token_ids and chunk.position == 0:
-                    self.observer.on_first_token(rid, event.commit_unix_nanos)
-                if chunk.token_ids or chunk.finish_reason:
+            async with aclosing(self.core.follow(rid)) as chunks:   # a client gone mid-stream releases at once
+                async for chunk in chunks:
                     yield chunk
-                if chunk.finish_reason:
-                    finished = True
-                    self.observer.on_finish(rid, pb.FinishReason.Name(chunk.finish_reason), next_index)
-                    return
-        finally:
-            if not finished:
-                self.observer.on_finish(rid, "CANCELLED", next_index)
-            try:
-                await asyncio.shield(self.queue.release(rid, cancel=not finished))
-            except Exception:  # the client is gone either way; the flag's absence only costs work
-                log.warning("could not release %s", rid, exc_info=True)
+        except Rejected as exc:
+            await context.abort(exc.code, exc.message)
