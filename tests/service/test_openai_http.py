@@ -275,6 +275,10 @@ BAD = [
     ("completions", dict(max_tokens=0), 400, "max_tokens"),
     ("completions", dict(max_tokens=100_000), 400, "max_tokens"),
     ("completions", dict(max_tokens="ten"), 400, "max_tokens"),
+    ("completions", dict(max_tokens=10**12), 400, "max_tokens"),
+    ("completions", dict(seed=2**64), 400, "seed"),
+    ("completions", dict(temperature="hot"), 400, "temperature"),
+    ("completions", dict(stream="yes"), 400, "stream"),
     ("completions", dict(temperature=-1), 400, "temperature"),
     ("completions", dict(top_p=0), 400, "top_p"),
     ("completions", dict(top_p=1.5), 400, "top_p"),
@@ -434,3 +438,15 @@ def test_a_client_that_leaves_cancels_its_request(service):
         time.sleep(0.05)
     assert client.exists(names.cancel(rid))
     assert events[-1].finish.reason == pb.FINISH_REASON_CANCELLED      # not its length nor the context
+
+
+def test_a_taken_http_port_fails_the_start_clearly(redis_server, chat_model):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="HTTP door: cannot listen on 127.0.0.1"):
+            BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, http_port=taken.getsockname()[1],
+                                            model=str(chat_model), names=QueueNames("taken"),
+                                            settings=TEST_SETTINGS))

@@ -250,7 +250,12 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))           # here, so a taken port fails the gateway's start
+        try:
+            self.socket.bind((host, port))       # here, so a taken port fails the gateway's start
+        except OSError as exc:
+            self.socket.close()
+            raise OSError(exc.errno, f"HTTP door: cannot listen on {host}:{port} ({exc.strerror}); "
+                                     f"--http-port picks another, 0 turns it off") from exc
         self.port = self.socket.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
         config = uvicorn.Config(app.app, lifespan="off", log_config=None, access_log=False, http="h11",

@@ -67,7 +67,11 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], what: str):
 
 
 def _int(body: dict, name: str) -> int | None:
-    return _get(body, name, (int,), "an integer")
+    """An integer the internal request holds in an int32 field (out of range: this error, not a crash)."""
+    value = _get(body, name, (int,), "an integer")
+    if value is not None and not -2**31 <= value < 2**31:
+        raise FieldError(name, f"out of range, got {value}")
+    return value
 
 
 def _number(body: dict, name: str) -> float | None:
@@ -107,7 +111,7 @@ def _common(body: dict, req: pb.GenerateRequest, opts: Options) -> None:
         req.top_p = top_p
     if (top_k := _int(body, "top_k")) is not None:        # an extension (vLLM's): 0 = off
         req.top_k = top_k
-    seed = _int(body, "seed")
+    seed = _get(body, "seed", (int,), "an integer")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise FieldError("seed", f"must be in 0..{MAX_SEED}, got {seed}")
     req.seed = seed if seed is not None else (secrets.randbits(63) if req.temperature > 0 else 0)
