@@ -450,3 +450,16 @@ def test_a_taken_http_port_fails_the_start_clearly(redis_server, chat_model):
             BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, http_port=taken.getsockname()[1],
                                             model=str(chat_model), names=QueueNames("taken"),
                                             settings=TEST_SETTINGS))
+
+
+def test_require_workers_refuses_while_none_runs(service, redis_server, chat_model, make_gateway):
+    """--require-workers: no live worker (no card in Redis) is a 503 / UNAVAILABLE, not a wait in the queue."""
+    alone = make_gateway(http_port=0, model=str(chat_model), require_workers=True)     # its own prefix: no worker
+    status, body = _post(f"{alone.http_url}/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 503 and "no worker is running" in body["error"]["message"]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream_generate(alone.address, "x", max_new_tokens=2, timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    served = make_gateway(http_port=0, model=str(chat_model), require_workers=True, names=service[1])
+    status, body = _post(f"{served.http_url}/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2

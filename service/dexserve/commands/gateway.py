@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-card-wait", type=float, default=float(env("DEX_MODEL_CARD_WAIT_S", 45)),
                         help="seconds to wait for the workers' card to match before refusing to start "
                              "(env DEX_MODEL_CARD_WAIT_S; a rollout's old workers may still hold the key)")
+    parser.add_argument("--require-workers", action="store_true",
+                        default=env("DEX_REQUIRE_WORKERS", "0") in ("1", "true", "yes"),
+                        help="refuse requests (UNAVAILABLE / HTTP 503) while no worker is running instead of "
+                             "queueing them (env DEX_REQUIRE_WORKERS=1); off by default: workers may scale from zero")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
 
@@ -45,7 +49,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
                          http_port=http_port_from_args(args), model=args.model,
                          limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, names=names, settings=settings,
-                         check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait)
+                         check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait,
+                         require_workers=args.require_workers)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,3 +28,6 @@ class GatewayConfig:
     # A differing card at start may be the old workers' during a rollout: re-read it this long
     # before refusing to start (the new workers publish theirs once their model has loaded).
     model_card_wait_s: float = 0.0
+    # No live worker (no model card in Redis): refuse with UNAVAILABLE / 503 instead of queueing. Off by
+    # default: workers may be scaled to zero and woken by the queue (the chart's KEDA trigger).
+    require_workers: bool = False

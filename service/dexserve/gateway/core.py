@@ -69,10 +69,12 @@ class Served:
 
 
 class GatewayCore:
-    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None) -> None:
+    def __init__(self, queue: RequestQueue, served: Served, observer: GatewayObserver | None = None,
+                 require_workers: bool = False) -> None:
         self.queue = queue
         self.served = served
         self.observer = observer or GatewayObserver()
+        self.require_workers = require_workers   # no live worker: UNAVAILABLE instead of waiting in the queue
         self.draining = False        # set when the gateway stops: new requests get UNAVAILABLE
 
     # ---- admission -------------------------------------------------------
@@ -104,8 +106,15 @@ class GatewayCore:
             if self.served.count_tokens is not None:
                 n = await asyncio.to_thread(self.served.count_tokens, greq.prompt)
                 validate_request(greq, self.served.limits, n)
-            if greq.logprobs is not None:
-                validate_capabilities(greq, logprobs=await self._workers_can("logprobs"))
+            if greq.logprobs is not None or self.require_workers:
+                card = await self._published_card()
+                if card is None and self.require_workers:
+                    raise Rejected(grpc.StatusCode.UNAVAILABLE, "no worker is running (none has published its "
+                                                                "model card within the heartbeat TTL); retry later")
+                if greq.logprobs is not None:
+                    # no card yet (workers scaled to zero): assume yes; a worker that cannot refuses it itself
+                    can = card is None or bool(card_capabilities(card).get("logprobs", False))
+                    validate_capabilities(greq, logprobs=can)
         except InvalidRequest as exc:
             field = "messages" if chat and exc.field == "prompt" else exc.field
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {exc.message}", field) from exc
@@ -146,16 +155,13 @@ class GatewayCore:
             raise bad(str(exc)) from exc
         del proto.messages[:]
 
-    async def _workers_can(self, capability: str) -> bool:
-        """What the workers' published card says; with no card yet (no worker running), assume yes:
-        a worker that cannot refuses the request itself, naming the same field."""
+    async def _published_card(self) -> dict | None:
+        """The card the live workers publish (it expires with their heartbeats); None: no worker runs."""
         try:
             raw = await self.queue.redis.get(self.queue.names.model_card())
         except TRANSIENT as exc:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {exc}") from exc
-        if raw is None:
-            return True
-        return bool(card_capabilities(json.loads(raw)).get(capability, False))
+        return None if raw is None else json.loads(raw)
 
     # ---- streaming -------------------------------------------------------
     async def follow(self, rid: str) -> AsyncIterator[pb.GenerateChunk]:

@@ -122,7 +122,7 @@ class Gateway:
         if diff is None:
             log.warning("no worker has published its model card yet; checking again every %.0f s", HEALTH_PERIOD_S)
         queue = RequestQueue(client, config.names, config.settings)
-        core = GatewayCore(queue, served, observer)
+        core = GatewayCore(queue, served, observer, require_workers=config.require_workers)
         servicer = DexServicer(queue, served, observer, core=core)
         interceptors = list(getattr(observer, "interceptors", ()))   # telemetry first: it sees auth failures
         interceptors += [BearerAuth(config.auth_token)] if config.auth_token else []
