@@ -463,3 +463,29 @@ def test_require_workers_refuses_while_none_runs(service, redis_server, chat_mod
     served = make_gateway(http_port=0, model=str(chat_model), require_workers=True, names=service[1])
     status, body = _post(f"{served.http_url}/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_a_worker_without_logprobs_refuses_them_itself(make_gateway, workers, rclient, chat_model):
+    """No card yet (no worker running): the gateway lets a logprobs request queue; the worker that takes it
+    refuses it (its engine reports none), and the streaming HTTP client still gets a 400 naming logprobs."""
+    import threading
+
+    gw = make_gateway(http_port=0, model=str(chat_model))
+    got = {}
+
+    def call():
+        got["answer"] = _post(f"{gw.http_url}/v1/completions",
+                              {"prompt": "x", "max_tokens": 3, "logprobs": 2, "stream": True})
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not rclient.xlen(workers.names.requests):          # queued, nobody to take it yet
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers.start("--standin-no-logprobs", model=chat_model)
+    t.join(60)
+    status, body = got["answer"]
+    assert status == 400 and body["error"]["param"] == "logprobs"
+    assert "not supported by this worker" in body["error"]["message"]
+    assert json.loads(rclient.get(workers.names.model_card()))["capabilities"] == {"logprobs": False}

@@ -45,7 +45,7 @@ class _Active:
 
 class InstantEngine:
     def __init__(self, card: ModelCard, limits: Limits = DEFAULT_LIMITS, max_batch: int = 4, step_delay_s: float = 0.0,
-                 poison: str | None = None) -> None:
+                 poison: str | None = None, logprobs: bool = True) -> None:
         self.card = card
         self.max_batch = max_batch
         self.tokenizer = card.prompt_tokenizer()
@@ -54,6 +54,7 @@ class InstantEngine:
         self.limits = limits
         self.step_delay_s = step_delay_s
         self.poison = poison
+        self.logprobs = logprobs
         self._active: dict[str, _Active] = {}
         self._round = 0
 
@@ -63,7 +64,7 @@ class InstantEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(model=self.card.name, engine="standin", logprobs=True)
+        return EngineInfo(model=self.card.name, engine="standin", logprobs=self.logprobs)
 
     def close(self) -> None:
         self._active.clear()
