@@ -111,8 +111,8 @@ async def _level(address: str, concurrency: int, tokens: int, door: str = "grpc"
     return {"door": door, "concurrency": concurrency, "streams": concurrency, "tokens": total,
             "seconds": round(wall, 3),
             "tokens_per_s": round(total / wall, 1), "per_stream_tokens_per_s": round(total / wall / concurrency, 1),
-            "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3),
-            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3),
+            "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3) if latencies else None,
+            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3) if latencies else None,
             "ttft_ms_p50": round(_percentile(ttfts, 0.5), 2), "ttft_ms_p99": round(_percentile(ttfts, 0.99), 2),
             "stream_tokens_per_s_p50": round(_percentile(rates, 0.5), 2)}
 
