@@ -31,7 +31,7 @@ from dexserve.worker.standin import InstantEngine
 from tiny_models import copy_checkpoint, with_chat_template
 
 from .conftest import TEST_SETTINGS, Workers
-from .helpers import collect, run_direct
+from .helpers import collect, run_direct, stub
 
 TOKEN = "s3cret-token"
 
@@ -231,9 +231,9 @@ def test_grpc_messages_and_logprobs(service, chat_model):
         [(engine.logprobs_at(req, i)[0], list(engine.logprobs_at(req, i)[1])) for i in range(5)]
     plain = complete(gw.address, "def h():", max_new_tokens=5, timeout=30)
     assert list(plain.token_ids) == list(resp.token_ids) and len(plain.logprobs) == 0
-    models = pb.ListModelsRequest()
-    from .helpers import stub
-    assert stub(gw.address)[1].ListModels(models, timeout=5).models[0].chat is True
+    channel, dex = stub(gw.address)
+    with channel:
+        assert dex.ListModels(pb.ListModelsRequest(), timeout=5).models[0].chat is True
 
 
 GRPC_BAD = [
