@@ -45,3 +45,15 @@ def test_report_renders_every_result_file():
     for heading in ("Rounds per token against the width W", "Explorers on separate devices",
                     "Coordination per round (null step)", "Explorer steps against 1/K of the full step"):
         assert heading in res.stdout
+
+
+def test_service_bench_drives_both_doors():
+    """`service_bench.py --door both` (stand-in engine): every stream through gRPC and through the
+    OpenAI-compatible HTTP door delivers all its tokens."""
+    res = subprocess.run([sys.executable, str(BENCH / "service_bench.py"), "--door", "both", "--concurrency", "1", "3",
+                          "--tokens", "5", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(lv["door"], lv["streams"]) for lv in report["levels"]] == [("grpc", 1), ("http", 1), ("grpc", 3),
+                                                                         ("http", 3)]
+    assert all(lv["tokens"] == 5 * lv["streams"] and lv["ttft_ms_p50"] > 0 for lv in report["levels"])
