@@ -44,3 +44,43 @@ def save_tiny(family: str, path: Path, layers: int = 4, seed: int = 0, vocab: in
         (path / "config.json").write_text(json.dumps(conf))
         (path / "generation_config.json").unlink(missing_ok=True)
     return path
+
+
+# A ChatML template of the kind chat checkpoints ship (Qwen's family), using what transformers gives a
+# template: the special tokens (bos_token), raise_exception, loop variables, add_generation_prompt.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def with_chat_template(path: Path, template: str = CHATML_TEMPLATE) -> Path:
+    """Give the checkpoint at `path` a chat template, where transformers keeps it (tokenizer_config.json)."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template
+    cfg_path.unlink(missing_ok=True)          # a new file: never write through a link to the original
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint directory (weights hard-linked when the filesystem allows; they are
+    only read)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.is_file():
+            continue
+        try:
+            if f.suffix != ".safetensors":
+                raise OSError("copied")
+            (dst / f.name).hardlink_to(f)
+        except OSError:
+            shutil.copy(f, dst / f.name)
+    return dst

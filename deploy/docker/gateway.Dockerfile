@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# dexserve gateway: grpc.aio front door on :50051, metrics on :9464.
+# dexserve gateway: grpc.aio front door on :50051, the OpenAI-compatible HTTP door on :8000, metrics on :9464.
 # Build from the repo root:  docker build -f deploy/docker/gateway.Dockerfile -t dexserve/gateway:0.1.0 .
 FROM python:3.11.9-slim-bookworm
 
@@ -10,6 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DEX_HOST=0.0.0.0 \
     DEX_PORT=50051 \
+    DEX_HTTP_PORT=8000 \
     DEX_METRICS_PORT=9464 \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
@@ -38,7 +39,7 @@ RUN pip install --no-deps . \
 COPY deploy/docker/healthcheck.py /usr/local/bin/dex-healthcheck
 
 USER 10001:10001
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "/usr/local/bin/dex-healthcheck", "gateway"]
 ENTRYPOINT ["dex"]

@@ -2,8 +2,9 @@
 
 `stream_generate` yields GenerateChunk messages as they arrive; `complete`
 returns the whole CompleteResponse. Both take the same keyword arguments as
-GenerateRequest's fields, plus `token` (bearer) and `tls_ca` (PEM path; TLS
-when given).
+GenerateRequest's fields (`messages` as {"role", "content"} dicts for the chat
+form), plus `token` (bearer) and `tls_ca` (PEM path; TLS when given). OpenAI
+clients use the HTTP door instead (README "Use it").
 
 Both survive a lost stream: on UNAVAILABLE (a gateway draining for a rolling
 update, a dropped connection, Redis down at submit) they reconnect with backoff
@@ -38,15 +39,22 @@ def channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
     return grpc.insecure_channel(address)
 
 
-def build_request(prompt: str, *, model: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+def build_request(prompt: str = "", *, model: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
                   top_k: int = 0, top_p: float | None = None, seed: int = 0, stop: list[str] | tuple = (),
-                  request_id: str = "") -> pb.GenerateRequest:
+                  request_id: str = "", messages: list[dict] | tuple = (),
+                  logprobs: int | None = None) -> pb.GenerateRequest:
+    """`messages` ({"role", "content"} dicts) instead of `prompt`: the chat form, rendered by the
+    server with the model's chat template. `logprobs`: N alternatives per token (0..20) in each
+    chunk's `logprobs`."""
     req = pb.GenerateRequest(model=model or "", prompt=prompt, temperature=temperature, top_k=top_k, seed=seed,
-                             stop=list(stop), request_id=request_id)
+                             stop=list(stop), request_id=request_id,
+                             messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
     if max_new_tokens is not None:
         req.max_new_tokens = max_new_tokens
     if top_p is not None:
         req.top_p = top_p
+    if logprobs is not None:
+        req.logprobs = logprobs
     return req
 
 

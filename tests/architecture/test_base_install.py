@@ -11,6 +11,8 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -68,11 +70,11 @@ def test_base_install_has_no_torch_and_no_engine(base_env):
 
 def test_base_install_gateway_serves_and_queues(base_env, tmp_path):
     server = EmbeddedRedis(tmp_path / "redis").start()
-    port = free_port()
+    port, http_port = free_port(), free_port()
     names = QueueNames("base")
-    proc = subprocess.Popen([str(base_env / "bin" / "dex"), "gateway", "--port", str(port), "--redis-url", server.url,
-                             "--queue-prefix", names.prefix], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd="/")
+    proc = subprocess.Popen([str(base_env / "bin" / "dex"), "gateway", "--port", str(port), "--http-port",
+                             str(http_port), "--redis-url", server.url, "--queue-prefix", names.prefix],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             grpc.channel_ready_future(ch).result(timeout=60)
@@ -90,6 +92,16 @@ def test_base_install_gateway_serves_and_queues(base_env, tmp_path):
                                  timeout=3)
             with pytest.raises(grpc.RpcError):
                 list(call)
+        # the OpenAI-compatible HTTP door of the same torch-free install: health, models, a 400 naming the field
+        base = f"http://127.0.0.1:{http_port}"
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == "dexcode-6m"
+        with pytest.raises(urllib.error.HTTPError) as http_bad:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/v1/completions", json.dumps(
+                {"prompt": "def f():", "max_tokens": 0}).encode(), {"content-type": "application/json"}), timeout=10)
+        assert http_bad.value.code == 400 and json.loads(http_bad.value.read())["error"]["param"] == "max_tokens"
         client = redis.Redis.from_url(server.url)
         deadline = time.time() + 5
         while client.xlen(names.requests) < 1 and time.time() < deadline:

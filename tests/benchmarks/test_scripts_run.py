@@ -81,3 +81,15 @@ def test_adapters_benchmark_runs(tmp_path):
     assert set(doc["results"]) == {"standard", "standard+full", "shipped-early-exit"}
     assert all(r["by_k"][k]["identical_to_ar"] for r in doc["results"].values() for k in ("2", "4"))
     assert doc["adapter_training"]["standard+full"]["steps"] == 3
+
+
+def test_service_bench_drives_both_doors():
+    """`service_bench.py --door both` (stand-in engine): every stream through gRPC and through the
+    OpenAI-compatible HTTP door delivers all its tokens."""
+    res = subprocess.run([sys.executable, str(BENCH / "service_bench.py"), "--door", "both", "--concurrency", "1", "3",
+                          "--tokens", "5", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(lv["door"], lv["streams"]) for lv in report["levels"]] == [("grpc", 1), ("http", 1), ("grpc", 3),
+                                                                         ("http", 3)]
+    assert all(lv["tokens"] == 5 * lv["streams"] and lv["ttft_ms_p50"] > 0 for lv in report["levels"])

@@ -311,14 +311,30 @@ def test_gateway_grpc_probes_ports_and_env() -> None:
     c = _pod_spec(docs, "-gateway")["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": 50051}
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9464}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9464}
     env = _env(c)
     assert env["DEX_HOST"]["value"] == "0.0.0.0" and env["DEX_PORT"]["value"] == "50051"
+    assert env["DEX_HTTP_PORT"]["value"] == "8000"
     assert env["DEX_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dex-auth", "key": "token"}
     svc = find(docs, "Service", "-gateway")
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"] == 50051
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051
+    assert (ports["http"]["port"], ports["http"]["targetPort"], ports["http"]["appProtocol"]) == (8000, "http", "http")
     ing = find(docs, "Ingress")
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+def test_http_door_ports_follow_values_and_zero_turns_it_off() -> None:
+    docs = render(GPU_KEDA_VALUES, sets=("gateway.httpPort=8080", "gateway.service.httpPort=80"))
+    c = _pod_spec(docs, "-gateway")["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["http"] == 8080
+    assert _env(c)["DEX_HTTP_PORT"]["value"] == "8080"
+    svc = {p["name"]: p for p in find(docs, "Service", "-gateway")["spec"]["ports"]}
+    assert (svc["http"]["port"], svc["http"]["targetPort"]) == (80, "http")
+    off = render(GPU_KEDA_VALUES, sets=("gateway.httpPort=0",))
+    c = _pod_spec(off, "-gateway")["containers"][0]
+    assert "http" not in {p["name"] for p in c["ports"]} and _env(c)["DEX_HTTP_PORT"]["value"] == "0"
+    assert "http" not in {p["name"] for p in find(off, "Service", "-gateway")["spec"]["ports"]}
 
 
 @pytest.mark.parametrize("suffix,port", [("-gateway", 9464), ("-worker", 9465)])

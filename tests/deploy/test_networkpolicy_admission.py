@@ -100,8 +100,17 @@ def test_prometheus_scrapes_metrics_and_nothing_else(gpu_docs) -> None:
         assert not admitted(gpu_docs, worker, 9465, *src), src
         assert not admitted(gpu_docs, gateway, 9464, *src), src
     assert not admitted(gpu_docs, worker, 29500, SERVING_NS, worker), "workers take no other connections"
-    # gRPC clients come from anywhere (ingress controllers, other namespaces).
+    # gRPC and HTTP (OpenAI-compatible) clients come from anywhere (ingress controllers, other namespaces).
     assert admitted(gpu_docs, gateway, 50051, *OTHER_NS)
+    assert admitted(gpu_docs, gateway, 8000, *OTHER_NS)
+    assert not admitted(gpu_docs, gateway, 8001, *OTHER_NS), "no other port"
+
+
+def test_http_door_off_closes_its_port() -> None:
+    docs = render(GPU_KEDA_VALUES, sets=("gateway.httpPort=0",))
+    gateway = _pod_labels(docs, "Deployment", "-gateway")
+    assert admitted(docs, gateway, 50051, *OTHER_NS)
+    assert not admitted(docs, gateway, 8000, *OTHER_NS)
 
 
 def test_prometheus_off_closes_the_metrics_ports() -> None:

@@ -10,12 +10,14 @@ is rendered empty (no collector here).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -118,8 +120,9 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path, va
                                                          "DEX_METRICS_PORT": str(free_port())})
     # The profile's executor layout runs as rendered; only the device changes here.
     assert (wk_env["DEX_EXECUTOR"], wk_env["DEX_TRANSPORT"], wk_env["DEX_EXPLORERS"]) == engine
-    port = free_port()
+    port, http_port = free_port(), free_port()
     gw_env = resolve_env(gw_c, "dex-dexserve-gateway-0", {**common, "DEX_HOST": "127.0.0.1", "DEX_PORT": str(port),
+                                                          "DEX_HTTP_PORT": str(http_port),
                                                           "DEX_METRICS_PORT": str(free_port())})
     assert gw_env["DEX_MAX_CONTEXT"] == wk_env["DEX_MAX_CONTEXT"]
     token = gw_env.get("DEX_AUTH_TOKEN")
@@ -140,11 +143,19 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path, va
         text = "".join(c.text for c in chunks)
         assert chunks and chunks[-1].finish_reason, chunks
         assert sum(len(c.token_ids) for c in chunks) == 8 and text
+        # The HTTP door of the same container: the same token, the same tokens.
+        http = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            json.dumps({"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}).encode(),
+            {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})})
+        with urllib.request.urlopen(http, timeout=60) as resp:
+            assert json.loads(resp.read())["choices"][0]["text"] == text
         if values != GPU_KEDA_VALUES:
             return
         # The same gateway command with another model's limits refuses to start (exit 3) once its
         # wait for the workers' card to change runs out (shortened here).
         bad = resolve_env(gw_c, "dex-dexserve-gateway-1", {**common, "DEX_HOST": "127.0.0.1", "DEX_PORT": "0",
+                                                           "DEX_HTTP_PORT": "0",
                                                            "DEX_METRICS_PORT": str(free_port()),
                                                            "DEX_MAX_CONTEXT": "256",
                                                            "DEX_MODEL_CARD_WAIT_S": "1"})

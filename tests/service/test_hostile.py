@@ -1,10 +1,16 @@
 """Hostile clients against real gateways (real Redis, real gRPC over loopback): auth on the
 gateway `dex gateway` builds (telemetry interceptor included), bounded error messages, a stream
 limit that refuses before the Redis pool runs out, quiet idle streams, a re-attach to a cancelled
-request, and a restarted attempt that diverges from what was already sent (never spliced)."""
+request, and a restarted attempt that diverges from what was already sent (never spliced).
+The same behaviours on the OpenAI-compatible HTTP door (one GatewayCore serves both): a bounded
+404, the stream limit counted over both doors (429), a divergence as an error event before
+[DONE], drain (503, open SSE streams end), and a disconnect that cancels at once (no resume)."""
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
+import json
 import logging
 import os
 import subprocess
@@ -104,7 +110,7 @@ def test_the_stream_limit_refuses_not_the_redis_pool(make_gateway, rclient, name
         assert not [c for c in calls if c.done()]
         calls[0].cancel()
         deadline = time.monotonic() + 10
-        while gw.gateway.servicer.open_streams >= limit:
+        while gw.gateway.core.open_streams >= limit:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         late = s.Generate(build_request("after one left", max_new_tokens=2), timeout=60)
@@ -158,7 +164,7 @@ def observed_gateway(redis_server, names, standin_model):
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     registry = CollectorRegistry()
     observer = GatewayTelemetry(provider.get_tracer("test"), GatewayMetrics(registry), names)
-    gw = BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, model=str(standin_model),
+    gw = BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, http_port=0, model=str(standin_model),
                                          names=names, settings=TEST_SETTINGS), observer)
     yield gw, exporter, registry
     gw.stop()
@@ -221,3 +227,116 @@ def test_a_restart_that_diverges_ends_the_stream_aborted_never_spliced(observed_
         time.sleep(0.05)
     events = {e.name: e.attributes for e in spans[0].events}
     assert events[DIVERGENCE_EVENT]["dex.position"] == 1 and events[DIVERGENCE_EVENT]["dex.attempt"] == 2
+
+
+# ---- the same on the HTTP door ------------------------------------------------------------------------
+
+GRACE = dataclasses.replace(TEST_SETTINGS, resume_grace_s=30.0)
+
+
+def _http(gw) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=30)
+
+
+def _send(conn: http.client.HTTPConnection, body: dict) -> None:
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+
+
+def _answer(conn: http.client.HTTPConnection) -> tuple[int, dict]:
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def _sse_events(resp) -> list:
+    """Every `data:` event of an SSE response, JSON-decoded ([DONE] stays a string)."""
+    out = []
+    for line in resp:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def _queued_ids(rclient, names, prompt: str | None = None) -> list[str]:
+    """The ids of the queued requests (with `prompt`, when given)."""
+    queued = [pb.QueuedRequest.FromString(f[b"m"]) for _id, f in rclient.xrange(names.requests)]
+    return [q.request_id for q in queued if prompt is None or q.request.prompt == prompt]
+
+
+def test_http_not_found_does_not_echo_a_huge_model_name(make_gateway):
+    gw = make_gateway(http_port=0)
+    conn = _http(gw)
+    _send(conn, {"model": "m" * 1_000_000, "prompt": "x", "max_tokens": 2})
+    status, body = _answer(conn)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert "1000000 characters" in body["error"]["message"] and len(json.dumps(body)) < 400
+
+
+def test_the_stream_limit_counts_both_doors_and_an_http_disconnect_cancels_at_once(make_gateway, rclient, names):
+    gw = make_gateway(max_streams=2, http_port=0, settings=GRACE)   # a gRPC client would get 30 s to resume
+    ch, s = stub(gw.address)
+    with ch:
+        call = s.Generate(build_request("grpc", max_new_tokens=2), timeout=60)
+        waiting = _http(gw)
+        _send(waiting, {"prompt": "http", "max_tokens": 2})        # no worker: it waits in the queue
+        _wait_enqueued(rclient, names, 2)
+        over = _http(gw)
+        _send(over, {"prompt": "one too many", "max_tokens": 2})
+        status, body = _answer(over)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        assert "stream limit" in body["error"]["message"] and "2 open calls" in body["error"]["message"]
+        with pytest.raises(grpc.RpcError) as err:
+            list(s.Generate(build_request("one too many", max_new_tokens=2), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rclient.xlen(names.requests) == 2                    # both refused before the queue
+        assert not call.done()
+        (http_rid,) = _queued_ids(rclient, names, prompt="http")
+        waiting.close()                                             # the HTTP client goes away
+        deadline = time.monotonic() + 10
+        while gw.gateway.core.open_streams > 1 or not rclient.exists(names.cancel(http_rid)):
+            assert time.monotonic() < deadline, "the HTTP disconnect did not release its slot and request"
+            time.sleep(0.05)
+        assert not rclient.exists(names.grace(http_rid)), "an HTTP request nobody can resume got a resume grace"
+        call.cancel()
+
+
+def test_a_restart_that_diverges_ends_an_http_stream_with_an_error_event(observed_gateway, rclient, names):
+    gw, _exporter, registry = observed_gateway
+    conn = _http(gw)
+    _send(conn, {"prompt": "x", "max_tokens": 5, "stream": True})
+    _wait_enqueued(rclient, names)
+    (rid,) = _queued_ids(rclient, names)
+    _publish(rclient, names, rid, 1, [(0, 10), (1, 11), (2, 12)])
+    resp = conn.getresponse()                                       # answers with the first chunk
+    assert resp.status == 200
+    _publish(rclient, names, rid, 2, [(0, 10), (1, 99)])             # another token at position 1
+    _publish(rclient, names, rid, 2, [(2, 98), (3, 97), (4, 96)], finish=True)
+    events = _sse_events(resp)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["code"] == "aborted" and error["type"] == "server_error" and "position 1" in error["message"]
+    text = "".join(e["choices"][0]["text"] for e in events[:-2])
+    assert text == "<10><11><12>", "tokens of the diverging attempt reached the client"
+    assert registry.get_sample_value("dex_gateway_divergences_total") == 1
+
+
+def test_drain_ends_open_http_streams_and_refuses_new_ones(make_gateway, rclient, names):
+    gw = make_gateway(http_port=0, settings=GRACE)
+    conn = _http(gw)
+    _send(conn, {"prompt": "x", "max_tokens": 50, "stream": True})
+    _wait_enqueued(rclient, names)
+    (rid,) = _queued_ids(rclient, names)
+    _publish(rclient, names, rid, 1, [(0, 10), (1, 11)])
+    resp = conn.getresponse()
+    assert resp.status == 200
+    gw._loop.call_soon_threadsafe(gw.gateway.core.drain)            # what SIGTERM starts (Gateway.stop)
+    events = _sse_events(resp)                                      # the open stream ends...
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "unavailable"
+    assert "shutting down" in events[-2]["error"]["message"]
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "<10><11>"
+    late = _http(gw)
+    _send(late, {"prompt": "late", "max_tokens": 2})                # ...and new requests are refused
+    status, body = _answer(late)
+    assert status == 503 and "shutting down" in body["error"]["message"]
+    assert rclient.exists(names.cancel(rid)) and not rclient.exists(names.grace(rid))

@@ -151,6 +151,19 @@ def service_tables() -> list[str]:
                            f"{lv['commit_to_client_ms_p99']} | {lv['ttft_ms_p50']} / {lv['ttft_ms_p99']} | "
                            f"{lv['stream_tokens_per_s_p50']} |")
         out.append("")
+    doors = load("service-doors.json")
+    if doors:
+        out += ["### The HTTP door against gRPC", "",
+                "`python worker/benchmarks/service_bench.py --engine dex --explorers 4 --width 8 --door both "
+                "--concurrency 1 4 16 --tokens 64 --max-batch 16`: the real engine, one worker; the same greedy "
+                "requests through the gRPC door and through the OpenAI-compatible HTTP door (the official `openai` "
+                "client, streaming), the doors taking turns at each level", "",
+                "| door | streams | tokens/s (all streams) | TTFT p50 / p99 ms | tokens/s per stream (p50) |",
+                "|---|---|---|---|---|"]
+        for lv in doors["levels"]:
+            out.append(f"| {lv['door']} | {lv['streams']} | {lv['tokens_per_s']} | {lv['ttft_ms_p50']} / "
+                       f"{lv['ttft_ms_p99']} | {lv['stream_tokens_per_s_p50']} |")
+        out.append("")
     tr = load("tracing-overhead.json")
     if tr:
         out += ["### Tracing cost", "",

@@ -42,6 +42,8 @@ if want 4; then
 "$BIN/python" worker/benchmarks/service_bench.py --concurrency 1 10 100 --tokens 64 --json > "$OUT/service-standin.json"
 "$BIN/python" worker/benchmarks/service_bench.py --engine dex --explorers 4 --width 8 --concurrency 1 4 \
     --tokens 64 --max-batch 4 --json > "$OUT/service-dex.json"
+"$BIN/python" worker/benchmarks/service_bench.py --engine dex --explorers 4 --width 8 --door both \
+    --concurrency 1 4 16 --tokens 64 --max-batch 16 --json > "$OUT/service-doors.json"
 fi
 
 # 5. tracing overhead on the shipped model

@@ -8,7 +8,11 @@ same clock) p50/p99 and streamed tokens/s through the gateway. Redis, the
 gateway and the workers are separate processes, as in `dex up`.
 With `--engine dex` the workers run the real engine on the shipped model
 (`--explorers`, `--width`), and time to first token and per-stream tokens/s
-are what to read.
+are what to read. `--door http` (or `both`) drives the same requests through the
+OpenAI-compatible HTTP door with the official `openai` client (streaming,
+greedy, `stream_options.include_usage` for the token count): the difference to
+`grpc` is what the HTTP layer costs. Commit-to-client latency needs the
+commit timestamp, which only gRPC chunks carry.
 """
 
 from __future__ import annotations
@@ -62,21 +66,53 @@ async def _one(stub, i: int, tokens: int, latencies: list[float], ttfts: list[fl
     return n
 
 
-async def _level(address: str, concurrency: int, tokens: int) -> dict:
+async def _one_http(client, i: int, tokens: int, ttfts: list[float] | None = None,
+                    rates: list[float] | None = None) -> int:
+    t0 = time.time_ns()
+    first = None
+    n = 0
+    stream = await client.completions.create(model="", prompt=f"{PROMPT}# bench {i} {t0}\n", max_tokens=tokens,
+                                             temperature=0, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.time_ns()
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    end = time.time_ns()
+    if ttfts is not None and first is not None:
+        ttfts.append((first - t0) / 1e6)
+    if rates is not None and n > 1 and first is not None and end > first:
+        rates.append((n - 1) / ((end - first) / 1e9))
+    return n
+
+
+async def _level(address: str, concurrency: int, tokens: int, door: str = "grpc") -> dict:
     latencies: list[float] = []
     ttfts: list[float] = []
     rates: list[float] = []
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = dex_pb2_grpc.DexServiceStub(ch)
-        await _one(stub, -1, 2, [])   # warm the path
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(_one(stub, i, tokens, latencies, ttfts, rates) for i in range(concurrency)))
-        wall = time.perf_counter() - t0
+    if door == "http":
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=f"http://{address}/v1", api_key="bench", max_retries=0,
+                                      timeout=600) as client:
+            await _one_http(client, -1, 2)   # warm the path
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(_one_http(client, i, tokens, ttfts, rates) for i in range(concurrency)))
+            wall = time.perf_counter() - t0
+    else:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = dex_pb2_grpc.DexServiceStub(ch)
+            await _one(stub, -1, 2, [])   # warm the path
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(_one(stub, i, tokens, latencies, ttfts, rates)
+                                            for i in range(concurrency)))
+            wall = time.perf_counter() - t0
     total = sum(counts)
-    return {"concurrency": concurrency, "streams": concurrency, "tokens": total, "seconds": round(wall, 3),
+    return {"door": door, "concurrency": concurrency, "streams": concurrency, "tokens": total,
+            "seconds": round(wall, 3),
             "tokens_per_s": round(total / wall, 1), "per_stream_tokens_per_s": round(total / wall / concurrency, 1),
-            "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3),
-            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3),
+            "commit_to_client_ms_p50": round(_percentile(latencies, 0.5), 3) if latencies else None,
+            "commit_to_client_ms_p99": round(_percentile(latencies, 0.99), 3) if latencies else None,
             "ttft_ms_p50": round(_percentile(ttfts, 0.5), 2), "ttft_ms_p99": round(_percentile(ttfts, 0.99), 2),
             "stream_tokens_per_s_p50": round(_percentile(rates, 0.5), 2)}
 
@@ -92,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explorers", type=int, default=4)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (--engine dex)")
+    parser.add_argument("--door", choices=("grpc", "http", "both"), default="grpc",
+                        help="drive the gRPC door, the OpenAI-compatible HTTP door, or both (in turns per level)")
     parser.add_argument("--json", action="store_true", help="print only the JSON")
     args = parser.parse_args(argv)
 
@@ -108,18 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         engine_flags = ["--engine", "dex", "--model", str(model), "--explorers", str(args.explorers),
                         "--width", str(args.width), "--threads", str(args.threads)]
     server = EmbeddedRedis(tmp / "redis").start()
-    port = free_port()
+    port, http_port = free_port(), free_port()
     common = ["--redis-url", server.url, "--queue-prefix", "bench"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "gateway", "--port", str(port), "--model",
-                               str(model), "--log-level", "WARNING", *common], env=env, stdout=subprocess.DEVNULL)]
+    procs = [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "gateway", "--port", str(port), "--http-port",
+                               str(http_port), "--model", str(model), "--log-level", "WARNING", *common], env=env,
+                              stdout=subprocess.DEVNULL)]
     procs += [subprocess.Popen([sys.executable, "-m", "dexserve.cli", "worker", *engine_flags,
                                 "--max-batch", str(args.max_batch), "--log-level", "WARNING", *common],
                                env=env) for _ in range(args.workers)]
     address = f"127.0.0.1:{port}"
     try:
         grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=120)
-        results = [asyncio.run(_level(address, c, args.tokens)) for c in args.concurrency]
+        doors = ("grpc", "http") if args.door == "both" else (args.door,)
+        addresses = {"grpc": address, "http": f"127.0.0.1:{http_port}"}
+        results = [asyncio.run(_level(addresses[door], c, args.tokens, door))
+                   for c in args.concurrency for door in doors]
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -130,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"engine": engine, "tokens_per_stream": args.tokens, "workers": args.workers,
               "cpus": os.cpu_count(), "levels": results}
     if not args.json:
-        print(f"{'streams':>8} {'tokens/s':>10} {'per stream':>11} {'p50 ms':>8} {'p99 ms':>8} {'TTFT p50':>9} "
-              f"{'TTFT p99':>9}")
+        print(f"{'door':>5} {'streams':>8} {'tokens/s':>10} {'per stream':>11} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s p50':>17}")
         for r in results:
-            print(f"{r['concurrency']:>8} {r['tokens_per_s']:>10} {r['per_stream_tokens_per_s']:>11} "
+            print(f"{r['door']:>5} {r['concurrency']:>8} {r['tokens_per_s']:>10} {r['per_stream_tokens_per_s']:>11} "
                   f"{r['commit_to_client_ms_p50']:>8} {r['commit_to_client_ms_p99']:>8} {r['ttft_ms_p50']:>9} "
-                  f"{r['ttft_ms_p99']:>9}")
+                  f"{r['ttft_ms_p99']:>9} {r['stream_tokens_per_s_p50']:>17}")
     print(json.dumps(report))
     return 0
 

@@ -1,4 +1,4 @@
-"""`dex gateway`: the gRPC gateway. Flags and environment → `GatewayConfig`."""
+"""`dex gateway`: the gRPC gateway and its OpenAI-compatible HTTP door. Flags and environment → `GatewayConfig`."""
 
 from __future__ import annotations
 
@@ -8,21 +8,24 @@ import logging
 import os
 import signal
 
-from dexserve.commands.options import add_limit_arguments, add_queue_arguments, limits_from_args, queue_from_args
+from dexserve.commands.options import (add_http_arguments, add_limit_arguments, add_queue_arguments,
+                                       http_port_from_args, limits_from_args, queue_from_args)
 from dexserve.gateway.config import GatewayConfig
 
-HELP = "Run the gRPC gateway."
+HELP = "Run the gateway: gRPC, and the OpenAI-compatible HTTP door beside it."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--host", default=env("DEX_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("DEX_PORT", 50051)))
+    parser.add_argument("--port", type=int, default=int(env("DEX_PORT", 50051)), help="gRPC port (env DEX_PORT)")
+    add_http_arguments(parser)
     parser.add_argument("--model", default=env("DEX_MODEL_DIR") or None,
                         help="checkpoint directory (env DEX_MODEL_DIR; default: the shipped model)")
     parser.add_argument("--auth-token", default=env("DEX_AUTH_TOKEN") or None,
-                        help="require `authorization: Bearer TOKEN` (env DEX_AUTH_TOKEN)")
-    parser.add_argument("--tls-cert", default=env("DEX_TLS_CERT") or None, help="PEM certificate chain")
+                        help="require `authorization: Bearer TOKEN` on both doors (env DEX_AUTH_TOKEN)")
+    parser.add_argument("--tls-cert", default=env("DEX_TLS_CERT") or None,
+                        help="PEM certificate chain (TLS on both doors)")
     parser.add_argument("--tls-key", default=env("DEX_TLS_KEY") or None, help="PEM private key")
     parser.add_argument("--log-level", default=env("DEX_LOG_LEVEL", "INFO"))
     parser.add_argument("--no-model-card-check", dest="check_model_card", action="store_false",
@@ -35,17 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-streams", type=int, default=int(env("DEX_MAX_STREAMS", GatewayConfig.max_streams)),
                         help="open Generate/Complete calls this gateway serves at once; one more is "
                              "RESOURCE_EXHAUSTED (env DEX_MAX_STREAMS; sizes the Redis connection pool)")
+    parser.add_argument("--require-workers", action="store_true",
+                        default=env("DEX_REQUIRE_WORKERS", "0") in ("1", "true", "yes"),
+                        help="refuse requests (UNAVAILABLE / HTTP 503) while no worker is running instead of "
+                             "queueing them (env DEX_REQUIRE_WORKERS=1); off by default: workers may scale from zero")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     names, settings = queue_from_args(args)
-    return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, model=args.model,
+    return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port,
+                         http_port=http_port_from_args(args), model=args.model,
                          limits=limits_from_args(args), auth_token=args.auth_token, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, names=names, settings=settings,
                          check_model_card=args.check_model_card, model_card_wait_s=args.model_card_wait,
-                         max_streams=args.max_streams)
+                         max_streams=args.max_streams,
+                         require_workers=args.require_workers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("dexserve.gateway").error("refusing to start: %s", exc)
             raise SystemExit(3) from exc
         telemetry.set_ready()
-        print(f"dex gateway listening on {config.host}:{gw.port}", flush=True)
+        http = f"; OpenAI HTTP on {gw.http.scheme}://{config.host}:{gw.http_port}/v1" if gw.http else ""
+        print(f"dex gateway listening on {config.host}:{gw.port}{http}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,6 +15,7 @@ from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.queue.protocol import QueueNames, QueueSettings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HTTP_PORT = 8000     # the OpenAI-compatible HTTP door of `dex gateway` / `dex up`
 
 
 def _env_int(name: str, default: int) -> int:
@@ -75,3 +76,20 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 def limit_flags(args: argparse.Namespace) -> list[str]:
     """The same limits as flags, for processes `dex up` starts."""
     return ["--max-context", str(args.max_context), "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-port", type=int, default=_env_int("DEX_HTTP_PORT", DEFAULT_HTTP_PORT),
+                        help="port of the OpenAI-compatible HTTP door (/v1/completions, /v1/chat/completions, "
+                             f"/v1/models, /health) beside gRPC; 0 turns it off (env DEX_HTTP_PORT; "
+                             f"default {DEFAULT_HTTP_PORT})")
+
+
+def http_port_from_args(args: argparse.Namespace) -> int | None:
+    """`--http-port 0` means no HTTP door (None in `GatewayConfig`)."""
+    return args.http_port or None
+
+
+def http_flags(args: argparse.Namespace) -> list[str]:
+    """The same setting as a flag, for the gateway `dex up` starts."""
+    return ["--http-port", str(args.http_port)]

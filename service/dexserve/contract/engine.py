@@ -33,6 +33,7 @@ class EngineInfo:
     explorers: int = 0
     mode: str = ""
     lattice_slots: int = 0
+    logprobs: bool = False        # fills TokenEvent.logprob / top_logprobs when a request asks
 
 
 @runtime_checkable

@@ -25,6 +25,8 @@ class Limits:
     # (NaN scores); between these bounds every value is exact and finite.
     min_temperature: float = 0.01
     max_temperature: float = 100.0
+    max_logprobs: int = 20            # alternatives per token a request may ask for (`logprobs`)
+    max_chat_messages: int = 512      # messages in one chat request
 
     def __post_init__(self) -> None:
         if self.max_context < 2:

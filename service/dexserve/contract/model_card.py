@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dexserve.contract.chat import ChatTemplate
     from dexserve.contract.limits import Limits
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -85,6 +86,15 @@ class ModelCard:
         path = self.path / "tokenizer.json"
         return PromptTokenizer(path) if path.is_file() else None
 
+    def chat_template(self) -> "ChatTemplate | None":
+        """The checkpoint's own chat template (`dexserve.contract.chat`), None when it has none."""
+        from dexserve.contract.chat import ChatTemplate, ChatTemplateError
+
+        try:
+            return ChatTemplate.from_dir(self.path)
+        except ChatTemplateError as exc:
+            raise ModelLoadError(f"{self.path}: {exc}") from exc
+
 
 class PromptTokenizer:
     """Encodes a prompt exactly as the engine does: no special tokens added (the
@@ -103,6 +113,51 @@ class PromptTokenizer:
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens spelled out; a partial UTF-8 sequence as U+FFFD):
+        what log-probability listings show for it."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for: through the byte-level alphabet when the
+        tokenizer is byte-level BPE (so a token holding part of a UTF-8 character gives
+        its real bytes), else its text's UTF-8."""
+        piece = self._tok.id_to_token(token_id)
+        table = self._byte_table()
+        if table is not None and piece is not None and token_id not in self._added_ids():
+            try:
+                return bytes(table[c] for c in piece)
+            except KeyError:
+                pass
+        return self.token_text(token_id).encode("utf-8")
+
+    def _byte_table(self) -> dict[str, int] | None:
+        if not hasattr(self, "_bytes_of"):
+            import json
+
+            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+            self._bytes_of = _byte_level_alphabet() if decoder.get("type") == "ByteLevel" else None
+        return self._bytes_of
+
+    def _added_ids(self) -> set[int]:
+        if not hasattr(self, "_added"):
+            self._added = set(self._tok.get_added_tokens_decoder())
+        return self._added
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: printable character -> the byte it stands for."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 # --- The release's model card in Redis --------------------------------------------------------
@@ -136,10 +191,22 @@ def card_fingerprint(summary: dict) -> str:
     return hashlib.sha256(json.dumps(summary, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def card_json(card: ModelCard, limits: "Limits") -> str:
-    """The card a worker publishes (`QueueNames.model_card`): its summary plus the fingerprint."""
+def card_json(card: ModelCard, limits: "Limits", *, logprobs: bool = False) -> str:
+    """The card a worker publishes (`QueueNames.model_card`): its summary plus the fingerprint,
+    and what its engine can do beyond the contract (`capabilities`; not part of the fingerprint:
+    the gateway reads it to refuse early what the workers would refuse)."""
     summary = card_summary(card, limits)
-    return json.dumps({**summary, "fingerprint": card_fingerprint(summary)})
+    return json.dumps({**summary, "fingerprint": card_fingerprint(summary),
+                       CAPABILITIES: {"logprobs": bool(logprobs)}})
+
+
+CAPABILITIES = "capabilities"
+
+
+def card_capabilities(published: dict | None) -> dict:
+    """The capabilities of a published card ({} when no worker has published one, or an older
+    worker published a card without them)."""
+    return dict((published or {}).get(CAPABILITIES) or {})
 
 
 def card_difference(ours: dict, theirs: dict) -> str:

@@ -65,18 +65,28 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     prompt_ids: tuple[int, ...] | None = None  # when set, used instead of tokenizing `prompt`
     ignore_eos: bool = False
+    # None: no log-probabilities; N (0..Limits.max_logprobs): every committed token's log-probability
+    # and the N most likely alternatives at its position (`TokenEvent.logprob` / `top_logprobs`).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     """One committed token. `index` counts generated tokens from 0; `text` is the
     text delta it releases (possibly empty while a stop string or a UTF-8
-    sequence is still incomplete)."""
+    sequence is still incomplete).
+
+    When the request asked for `logprobs`, `logprob` is the token's natural-log
+    probability under the distribution it was committed from (the final-depth
+    readout: exactly `ar`'s) and `top_logprobs` the request's number of most
+    likely `(token_id, logprob)` pairs there, best first; otherwise None / ()."""
 
     request_id: str
     index: int
     token_id: int
     text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ import math
 from dexserve.contract.limits import Limits
 from dexserve.contract.request import GenerationRequest, InvalidRequest
 
-__all__ = ["Limits", "validate_request"]
+__all__ = ["LOGPROBS_UNSUPPORTED", "Limits", "validate_capabilities", "validate_request"]
+
+LOGPROBS_UNSUPPORTED = "not supported by this worker (its engine does not report log-probabilities)"
 
 
 def validate_request(req: GenerationRequest, limits: Limits, prompt_tokens: int | None) -> None:
@@ -47,9 +49,19 @@ def validate_request(req: GenerationRequest, limits: Limits, prompt_tokens: int 
             raise InvalidRequest("stop", "stop strings must not be empty")
         if len(stop) > limits.max_stop_chars:
             raise InvalidRequest("stop", f"a stop string is longer than {limits.max_stop_chars} characters")
+    if req.logprobs is not None and not 0 <= req.logprobs <= limits.max_logprobs:
+        raise InvalidRequest("logprobs", f"must be in 0..{limits.max_logprobs} (alternatives per token), "
+                                         f"got {req.logprobs}")
     if prompt_tokens is not None:
         if prompt_tokens == 0:
             raise InvalidRequest("prompt", "tokenizes to zero tokens")
         if prompt_tokens + 1 > limits.max_context:
             raise InvalidRequest(
                 "prompt", f"{prompt_tokens} tokens leave no room in the {limits.max_context}-token context")
+
+
+def validate_capabilities(req: GenerationRequest, *, logprobs: bool) -> None:
+    """Refuse what the serving engine cannot do: the worker checks its own engine
+    (`EngineInfo.logprobs`), the gateway the card the workers published."""
+    if req.logprobs is not None and not logprobs:
+        raise InvalidRequest("logprobs", LOGPROBS_UNSUPPORTED)

@@ -1,8 +1,9 @@
-"""Bearer-token authentication as a server interceptor.
+"""Bearer-token authentication, one check for both doors.
 
-Every RPC except the health service (probes carry no credentials) needs
-`authorization: Bearer <token>` when a token is configured. Compared in
-constant time.
+`BearerToken.denial` is the comparison (constant time); `BearerAuth` applies it
+to every RPC except the health service (probes carry no credentials), the HTTP
+door to every route except `/health`. The token is `GatewayConfig.auth_token`
+(`--auth-token` / DEX_AUTH_TOKEN), one setting for both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,19 @@ import hmac
 import grpc
 
 EXEMPT = ("/grpc.health.v1.Health/",)
+
+
+class BearerToken:
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def denial(self, supplied: str | None) -> str | None:
+        """Why `supplied` (the authorization header / metadata) is refused; None when it is right."""
+        if not supplied:
+            return "missing bearer token (authorization: Bearer <token>)"
+        if not hmac.compare_digest(supplied.encode(errors="replace"), self._expected):
+            return "invalid bearer token"
+        return None
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -39,7 +53,7 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 
 class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self.token = BearerToken(token)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -49,8 +63,5 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 supplied = value if isinstance(value, str) else value.decode(errors="replace")
-        if not supplied:
-            return _deny(handler, "missing bearer token (authorization metadata)")
-        if not hmac.compare_digest(supplied.encode(), self._expected):
-            return _deny(handler, "invalid bearer token")
-        return handler
+        denial = self.token.denial(supplied)
+        return _deny(handler, denial) if denial else handler

@@ -14,10 +14,11 @@ class GatewayConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 50051                      # 0 = any free port
+    http_port: int | None = None           # the OpenAI-compatible HTTP door; None = off, 0 = any free port
     model: str | None = None               # checkpoint dir; None = the shipped model
     limits: Limits = field(default_factory=Limits)   # the workers build theirs from the same flags/env
     auth_token: str | None = None
-    tls_cert: str | None = None
+    tls_cert: str | None = None            # TLS for both doors (gRPC and HTTP)
     tls_key: str | None = None
     names: QueueNames = field(default_factory=QueueNames)
     settings: QueueSettings = field(default_factory=QueueSettings)
@@ -34,6 +35,9 @@ class GatewayConfig:
     # Socket timeout of the gateway's Redis connections; the blocking read of a token stream
     # waits half of it, so an idle stream never times out its own connection.
     redis_socket_timeout_s: float = 10.0
+    # No live worker (no model card in Redis): refuse with UNAVAILABLE / 503 instead of queueing. Off by
+    # default: workers may be scaled to zero and woken by the queue (the chart's KEDA trigger).
+    require_workers: bool = False
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:

@@ -1,4 +1,5 @@
-"""Assemble and run the gateway: DexService, health, reflection, auth, TLS.
+"""Assemble and run the gateway: DexService, health, reflection, auth, TLS, and the
+OpenAI-compatible HTTP door (`http_api`) on the same core, queue and event loop.
 
 `Gateway.start` is what `dex gateway` runs and what tests and the benchmark
 start in-process (`BackgroundGateway` runs one on its own event-loop thread).
@@ -18,11 +19,13 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dexserve.contract.model_card import ModelCard, card_difference, card_fingerprint, card_summary
+from dexserve.contract.model_card import CAPABILITIES, ModelCard, card_difference, card_fingerprint, card_summary
 from dexserve.gateway.auth import BearerAuth
 from dexserve.gateway.config import GatewayConfig
 from dexserve.gateway.observer import GatewayObserver
-from dexserve.gateway.servicer import DexServicer, Served
+from dexserve.gateway.core import GatewayCore, Served
+from dexserve.gateway.http_api import HttpServer, OpenAIApp
+from dexserve.gateway.servicer import DexServicer
 from dexserve.gateway.wire import deserialize_generate_request
 from dexserve.queue.producer import RequestQueue
 from dexserve.v1 import dex_pb2 as pb
@@ -42,7 +45,11 @@ def load_served(config: GatewayConfig) -> Served:
     tokenizer = card.prompt_tokenizer()
     if tokenizer is None:
         log.warning("%s has no tokenizer.json: prompts are checked against the context only by the workers", card.path)
-    return Served(card=card, limits=config.limits, count_tokens=tokenizer.count if tokenizer else None)
+    template = card.chat_template()
+    if template is None:
+        log.info("%s has no chat template: chat requests (messages) are refused", card.path)
+    return Served(card=card, limits=config.limits, count_tokens=tokenizer.count if tokenizer else None,
+                  tokenizer=tokenizer, chat_template=template)
 
 
 class ModelMismatch(RuntimeError):
@@ -60,6 +67,7 @@ async def check_model_card(client: aioredis.Redis, config: GatewayConfig, served
     if theirs.get("fingerprint") == card_fingerprint(ours):
         return ""
     theirs.pop("fingerprint", None)
+    theirs.pop(CAPABILITIES, None)
     return card_difference(ours, theirs) or "fingerprint differs"
 
 
@@ -85,7 +93,13 @@ class Gateway:
     served: Served | None = None
     config: GatewayConfig | None = None
     servicer: DexServicer | None = None
+    core: GatewayCore | None = None
+    http: HttpServer | None = None          # the OpenAI-compatible door, when config.http_port is set
     _monitor: asyncio.Task | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     @classmethod
     async def start(cls, config: GatewayConfig, observer: GatewayObserver | None = None,
@@ -111,7 +125,9 @@ class Gateway:
         if diff is None:
             log.warning("no worker has published its model card yet; checking again every %.0f s", HEALTH_PERIOD_S)
         queue = RequestQueue(client, config.names, config.settings, block_ms=config.stream_block_ms)
-        servicer = DexServicer(queue, served, observer, max_streams=config.max_streams)
+        core = GatewayCore(queue, served, observer, require_workers=config.require_workers,
+                           max_streams=config.max_streams)
+        servicer = DexServicer(queue, served, observer, core=core)
         interceptors = list(getattr(observer, "interceptors", ()))   # telemetry first: it sees auth failures
         interceptors += [BearerAuth(config.auth_token)] if config.auth_token else []
         server = grpc.aio.server(interceptors=interceptors)
@@ -129,8 +145,15 @@ class Gateway:
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
+        http = None
+        if config.http_port is not None:
+            http = HttpServer(OpenAIApp(core, config.auth_token), config.host, config.http_port,
+                              config.tls_cert, config.tls_key)
         await server.start()
-        gw = cls(server, port, client, health_servicer, served=served, config=config, servicer=servicer)
+        if http is not None:
+            await http.start()
+        gw = cls(server, port, client, health_servicer, served=served, config=config, servicer=servicer,
+                 core=core, http=http)
         gw._monitor = asyncio.create_task(gw._watch_redis())
         return gw
 
@@ -157,14 +180,18 @@ class Gateway:
             await asyncio.sleep(HEALTH_PERIOD_S)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Drain: NOT_SERVING, every open stream ends with UNAVAILABLE telling its client to resume
-        (the requests keep running for the resume grace), then the server stops."""
+        """Drain: NOT_SERVING, every open stream ends (gRPC: UNAVAILABLE telling its client where to
+        resume; HTTP: an error event and [DONE]; the requests keep running for the resume grace),
+        new requests get UNAVAILABLE / 503, then both servers stop."""
         if self._monitor:
             self._monitor.cancel()
+        if self.core is not None:
+            self.core.drain()                   # both doors: new requests UNAVAILABLE / 503, open streams end
         await self.health.enter_graceful_shutdown()
-        if self.servicer is not None:
-            self.servicer.drain()
-        await self.server.stop(grace)
+        if self.http is not None:
+            await asyncio.gather(self.http.stop(grace), self.server.stop(grace))
+        else:
+            await self.server.stop(grace)
         await self.redis.aclose()
 
 
@@ -180,6 +207,8 @@ class BackgroundGateway:
             Gateway.start(config, observer, served), self._loop).result(timeout=120)
         self.port = self.gateway.port
         self.address = f"{config.host}:{self.port}"
+        self.http_port = self.gateway.http_port
+        self.http_url = f"http://{config.host}:{self.http_port}" if self.http_port else None
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.gateway.stop(0.5), self._loop).result(timeout=30)

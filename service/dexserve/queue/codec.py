@@ -62,6 +62,7 @@ def to_generation_request(req: pb.GenerateRequest) -> GenerationRequest:
             seed=req.seed,
         ),
         stop=tuple(req.stop),
+        logprobs=req.logprobs if req.HasField("logprobs") else None,
     )
 
 
@@ -70,8 +71,16 @@ def fingerprint(req: pb.GenerateRequest) -> bytes:
     return hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest().encode()
 
 
+def logprobs_message(tok: TokenEvent) -> pb.Logprobs | None:
+    if tok.logprob is None:
+        return None
+    return pb.Logprobs(logprob=tok.logprob,
+                       top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in tok.top_logprobs])
+
+
 def token_messages(tokens: list[TokenEvent]) -> list[pb.TokenMessage]:
-    return [pb.TokenMessage(index=t.index, token_id=t.token_id, text=t.text) for t in tokens]
+    return [pb.TokenMessage(index=t.index, token_id=t.token_id, text=t.text, logprobs=logprobs_message(t))
+            for t in tokens]
 
 
 def finish_message(fin: Finished) -> pb.FinishMessage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
@@ -93,15 +93,17 @@ class RequestQueue:
             raise IdConflict(f"request_id {rid!r} is in use by a different request")
         return Submitted(status)
 
-    async def events(self, request_id: str) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
+    async def events(self, request_id: str, stopped: Callable[[], bool] = lambda: False,
+                     ) -> AsyncIterator[tuple[bytes, pb.StreamEvent]]:
         """Every event of the request's token stream from the start, as soon as
         it is written (XREAD BLOCK). Survives Redis restarts by reconnecting and
-        resuming after the last id seen; ends only when the caller stops."""
+        resuming after the last id seen; ends when the caller stops, or at the end
+        of the blocking read (at most `block_ms`) during which `stopped()` turned true."""
         key = self.names.tokens(request_id)
         last = b"0-0"
         first, largest = RECONNECT_BACKOFF_S
         backoff = first
-        while True:
+        while not stopped():
             try:
                 reply = await self.redis.xread({key: last}, count=256, block=self.block_ms)
                 backoff = first

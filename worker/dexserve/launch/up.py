@@ -1,5 +1,8 @@
 """`dex up`: Redis (private, unless REDIS_URL is set), the gateway and N workers on this machine.
 
+The gateway serves gRPC (--port, 50051) and the OpenAI-compatible HTTP door
+(--http-port, 8000; 0 turns it off) on --host (127.0.0.1).
+
 Each part is its own process started with the same flags a deployment would
 use (`dex gateway`, `dex worker`), so `dex up` exercises the real service.
 With --max-workers above --min-workers it scales workers on consumer-group lag
@@ -32,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dexserve.commands.options import add_queue_arguments, limit_flags, queue_flags, queue_from_args
+from dexserve.commands.options import (add_http_arguments, add_queue_arguments, http_flags, limit_flags, queue_flags,
+                                       queue_from_args)
 from dexserve.launch.worker import engine_flags
 
 SCALE_PERIOD_S = 2.0          # default --scale-interval
@@ -48,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dexserve.launch.worker import add_engine_arguments
 
     parser.add_argument("--host", default=os.environ.get("DEX_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("DEX_PORT", 50051)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DEX_PORT", 50051)), help="gRPC port")
+    add_http_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="workers to start")
     parser.add_argument("--min-workers", type=int, default=None, help="autoscale floor (default: --workers)")
     parser.add_argument("--max-workers", type=int, default=None, help="autoscale ceiling (default: --workers)")
@@ -87,7 +92,7 @@ class Stack:
             args.redis_url = self.redis.url
             print(f"redis     {self.redis.url} (pid {self.redis.proc.pid}, data {data})", flush=True)
         gw_cmd = [sys.executable, "-m", "dexserve.cli", "gateway", "--host", args.host, "--port", str(args.port),
-                  *limit_flags(args), *queue_flags(args)]
+                  *http_flags(args), *limit_flags(args), *queue_flags(args)]
         if args.model:
             gw_cmd += ["--model", args.model]
         env = dict(os.environ)
@@ -238,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         stack.start(n_start)
         scaling = f" (autoscale {lo}..{hi})" if hi > lo else ""
-        print(f"dex up: serving on {args.host}:{args.port} with {n_start} worker(s){scaling}; Ctrl-C to stop",
+        http = f" (gRPC) and http://{args.host}:{args.http_port}/v1 (OpenAI HTTP)" if args.http_port else ""
+        print(f"dex up: serving on {args.host}:{args.port}{http} with {n_start} worker(s){scaling}; Ctrl-C to stop",
               flush=True)
         if hi > lo:
             stack.autoscale(lo, hi)

@@ -25,6 +25,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=("dex", "standin"), default=os.environ.get("DEX_ENGINE", "dex"))
     g.add_argument("--standin-delay", type=float, default=0.0, help="stand-in engine: seconds per round")
     g.add_argument("--standin-poison", default=None, help="stand-in engine: prompts containing this fail")
+    g.add_argument("--standin-no-logprobs", dest="standin_logprobs", action="store_false",
+                   help="stand-in engine: report no log-probabilities (as an engine without them)")
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
@@ -34,6 +36,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--standin-delay", str(args.standin_delay)]
     if args.standin_poison:
         flags += ["--standin-poison", args.standin_poison]
+    if not args.standin_logprobs:
+        flags += ["--standin-no-logprobs"]
     return flags
 
 
@@ -50,7 +54,8 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     names, queue = queue_from_args(args)
     extra = {"consumer": args.consumer} if args.consumer else {}
     return WorkerSettings(model=args.model, engine=args.engine, engine_config=engine_config(args),
-                          standin=StandinOptions(args.standin_delay, args.standin_poison), redis_url=args.redis_url,
+                          standin=StandinOptions(args.standin_delay, args.standin_poison, args.standin_logprobs),
+                          redis_url=args.redis_url,
                           names=names, queue=queue, grace_s=args.grace, log_level=args.log_level, **extra)
 
 
@@ -73,7 +78,7 @@ def run_worker(settings: WorkerSettings) -> int:
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
-                        model_card=card_json(engine.card, engine.limits))
+                        model_card=card_json(engine.card, engine.limits, logprobs=engine.info.logprobs))
     try:
         queue.heartbeat([])                              # publishes the card now; every heartbeat refreshes it
     except TRANSIENT as exc:                             # Redis down at start: the loop reconnects

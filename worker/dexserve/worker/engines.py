@@ -16,7 +16,8 @@ def make_engine(settings: WorkerSettings) -> Engine:
 
         cfg = settings.engine_config
         return InstantEngine.load(settings.model, cfg.limits, max_batch=cfg.max_batch,
-                                  step_delay_s=settings.standin.delay_s, poison=settings.standin.poison)
+                                  step_delay_s=settings.standin.delay_s, poison=settings.standin.poison,
+                                  logprobs=settings.standin.logprobs)
     if settings.engine == "dex":
         from dexserve.engine.engine import DexEngine
 

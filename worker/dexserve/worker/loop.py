@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from dexserve.contract.engine import Engine
 from dexserve.contract.observer import WorkerObserver
 from dexserve.contract.request import EngineFailure, Finished, FinishReason, InvalidRequest
+from dexserve.contract.validation import validate_capabilities
 from dexserve.queue.codec import finish_message, to_generation_request, token_messages
 from dexserve.queue.consumer import Entry, WorkerQueue
 from dexserve.queue.protocol import RECONNECT_BACKOFF_S, TRANSIENT, ErrorCode
@@ -180,7 +181,9 @@ class Worker:
             self._finish_unstarted(entry, attempt)
             return
         try:
-            self.engine.add(to_generation_request(req.request))
+            greq = to_generation_request(req.request)
+            validate_capabilities(greq, logprobs=self.engine.info.logprobs)
+            self.engine.add(greq)
         except InvalidRequest as exc:
             self.queue.fail(entry, ErrorCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
             self.observer.on_request_failed(rid, ErrorCode.INVALID_ARGUMENT, str(exc))

@@ -23,6 +23,7 @@ class StandinOptions:
 
     delay_s: float = 0.0            # seconds per round
     poison: str | None = None       # prompts containing this fail inside the engine
+    logprobs: bool = True           # False: reports no log-probabilities (an engine without them)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 It commits one deterministic token per request per step (optionally after a
 sleep), so service tests and the service benchmark measure the queue and the
 gateway, not the model. Tokens depend only on (prompt, seed if sampling,
-index): a restarted request reproduces them exactly, like the real engine.
+index): a restarted request reproduces them exactly, like the real engine;
+so do the log-probabilities it reports when a request asks (`logprobs_at`).
+Token N reads ` tN` (`StandinText`), through the contract's stop-string handling.
 `poison`: a prompt containing it makes `add` raise, to exercise dead-lettering.
 """
 
@@ -19,20 +21,31 @@ from dexserve.contract.model_card import ModelCard, ModelLoadError
 from dexserve.contract.request import Finished, FinishReason, GenerationRequest, StepResult, TokenEvent, finish_reason
 from dexserve.contract.engine import EngineInfo
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
+from dexserve.contract.text import TextStream
 from dexserve.contract.validation import validate_request
+
+
+class StandinText:
+    """The stand-in's detokenizer: token id N reads ` tN`. Its text goes through the contract's
+    `TextStream`, so stop strings behave as with the real engine (the text ends before the stop
+    string; a tail that could still become one is held back)."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f" t{i}" for i in ids)
 
 
 @dataclass
 class _Active:
     req: GenerationRequest
     prompt_tokens: int
+    text: TextStream
     produced: int = 0
-    text: str = ""
 
 
 class InstantEngine:
     def __init__(self, card: ModelCard, limits: Limits = DEFAULT_LIMITS, max_batch: int = 4, step_delay_s: float = 0.0,
-                 poison: str | None = None) -> None:
+                 poison: str | None = None, logprobs: bool = True) -> None:
         self.card = card
         self.max_batch = max_batch
         self.tokenizer = card.prompt_tokenizer()
@@ -41,6 +54,7 @@ class InstantEngine:
         self.limits = limits
         self.step_delay_s = step_delay_s
         self.poison = poison
+        self.logprobs = logprobs
         self._active: dict[str, _Active] = {}
         self._round = 0
 
@@ -50,7 +64,7 @@ class InstantEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(model=self.card.name, engine="standin")
+        return EngineInfo(model=self.card.name, engine="standin", logprobs=self.logprobs)
 
     def close(self) -> None:
         self._active.clear()
@@ -72,7 +86,7 @@ class InstantEngine:
         self.validate(req)
         if self.poison and self.poison in req.prompt:
             raise RuntimeError(f"stand-in engine poisoned by prompt of {req.request_id}")
-        self._active[req.request_id] = _Active(req, self._prompt_tokens(req))
+        self._active[req.request_id] = _Active(req, self._prompt_tokens(req), TextStream(StandinText, req.stop))
 
     def cancel(self, request_id: str) -> Finished | None:
         st = self._active.pop(request_id, None)
@@ -80,11 +94,29 @@ class InstantEngine:
             return None
         return Finished(request_id, FinishReason.CANCELLED, st.prompt_tokens, st.produced)
 
-    def token_at(self, req: GenerationRequest, index: int) -> int:
+    def _digest(self, req: GenerationRequest, index: int) -> int:
         s = req.sampling
         key = f"{req.prompt}|{index}" if s.greedy else f"{req.prompt}|{index}|{s.seed}|{s.temperature}"
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % max(self.card.vocab_size, 1)
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+    def token_at(self, req: GenerationRequest, index: int) -> int:
+        return self._digest(req, index) % max(self.card.vocab_size, 1)
+
+    def logprobs_at(self, req: GenerationRequest, index: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """Deterministic stand-ins for the log-probabilities (exact in float32, so they cross the
+        queue unchanged): the committed token ranks first with -k/1024 (k from the same hash),
+        then `req.logprobs - 1` other ids, each 0.5 lower."""
+        token = self.token_at(req, index)
+        vocab = max(self.card.vocab_size, 1)
+        first = -((self._digest(req, index) >> 20) % 1000 + 1) / 1024
+        ranked = [token]
+        step = 1
+        while len(ranked) < min(req.logprobs or 0, vocab):
+            alt = (token + step * 7919) % vocab
+            step += 1
+            if alt not in ranked:
+                ranked.append(alt)
+        return first, tuple((t, first - 0.5 * r) for r, t in enumerate(ranked))[:req.logprobs or 0]
 
     def step(self) -> StepResult:
         if self.step_delay_s:
@@ -93,16 +125,17 @@ class InstantEngine:
         out = StepResult(record=None)
         for rid, st in list(self._active.items()):
             tok = self.token_at(st.req, st.produced)
-            text = f" t{tok}"
-            out.tokens.append(TokenEvent(rid, st.produced, tok, text))
+            delta, stopped = st.text.push(tok)
+            logprob, top = self.logprobs_at(st.req, st.produced) if st.req.logprobs is not None else (None, ())
+            out.tokens.append(TokenEvent(rid, st.produced, tok, delta, logprob, top))
             st.produced += 1
-            st.text += text
-            reason = finish_reason(stopped=any(s in st.text for s in st.req.stop), eos=False, generated=st.produced,
+            reason = finish_reason(stopped=stopped, eos=False, generated=st.produced,
                                    max_new_tokens=st.req.max_new_tokens, prompt_tokens=st.prompt_tokens,
                                    max_context=self.limits.max_context)
             if reason is not None:
                 del self._active[rid]
-                out.finished.append(Finished(rid, reason, st.prompt_tokens, st.produced))
+                tail = st.text.flush() if reason is not FinishReason.STOP else ""
+                out.finished.append(Finished(rid, reason, st.prompt_tokens, st.produced, tail))
         return out
 
 
