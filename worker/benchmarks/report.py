@@ -21,10 +21,10 @@ def hist(h: dict) -> str:
     return " ".join(f"{k}:{v}" for k, v in h.items())
 
 
-def modes_table(doc: dict) -> list[str]:
+def modes_table(doc: dict, where: str = "one process") -> list[str]:
     c = doc["config"]
     out = [f"K={c['explorers']}, W={c['width']}, {c['prompts']} held-out prompts, {c['max_new_tokens']} new tokens, "
-           f"{c['threads']} thread, one process", "",
+           f"{c['threads']} thread, {where}", "",
            "| mode | RPT | tokens/s | fallback rate | wasted node-segments | mean occupancy | identical to ar | "
            "acceptance by boundary |", "|---|---|---|---|---|---|---|---|"]
     for mode, r in doc["modes"].items():
@@ -115,6 +115,21 @@ def main() -> None:
                              f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
                              f"{v['ideal_speedup_K_over_rpt']}x |")
         lines.append("")
+    pp = load("prefill-pipeline.json")
+    if pp:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from prefill_pipeline import table as prefill_table
+
+        lines += ["### Prompt prefill: one process against pipelined explorer processes", "",
+                  "`python worker/benchmarks/prefill_pipeline.py --out worker/benchmarks/results/prefill-pipeline.json`",
+                  "", prefill_table(pp), ""]
+    dd = load("bench-k2-distributed-default.json")
+    if dd:
+        lines += ["### K=2 on two processes with default flags", "",
+                  "`dex bench --executor distributed --explorers 2 --modes ar,dex --limit 50 --max-new-tokens 64` "
+                  "(default W=8, compiled steps, shared memory, 1 thread per explorer; a round runs only its real "
+                  "rows)", ""]
+        lines += modes_table(dd, "one process per explorer") + [""]
     ro = load("round-overhead.json")
     if ro:
         sys.path.insert(0, str(Path(__file__).parent))

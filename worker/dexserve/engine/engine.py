@@ -31,7 +31,7 @@ from dexserve.contract.request import (EngineFailure, FinishReason, Finished, Ge
                                      StepResult, TokenEvent, finish_reason)
 from dexserve.engine.sampling import fold_seed
 from dexserve.engine.stats import RunStats
-from dexserve.engine.step import BufferSpec
+from dexserve.engine.step import BufferSpec, decode_logprobs
 from dexserve.engine.tokenizer import load_tokenizer
 from dexserve.contract.text import TextStream
 from dexserve.contract.validation import validate_request
@@ -122,7 +122,7 @@ class DexEngine:
                             candidates=max(1, K - 1), device=config.device,
                             dtype=getattr(torch, config.resolved_dtype(
                                 card.config.get("dtype") or card.config.get("torch_dtype"))),
-                            compile=config.compile, cuda_graphs=config.cuda_graphs,
+                            compile=config.compile, cuda_graphs=config.cuda_graphs, vocab=card.vocab_size,
                             adapters=resolve_adapters(card, config.adapters, boundaries[1:-1]))
 
     # ---- requests --------------------------------------------------------
@@ -187,8 +187,10 @@ class DexEngine:
         t0 = time.perf_counter()
         plan = self.lattice.plan()
         t1 = time.perf_counter()
+        logprobs = any(act.req.logprobs is not None for act in self._active.values())
         try:
-            readout = self.executor.run(plan)
+            # (an executor is asked for log-probabilities only when a request wants them)
+            readout = self.executor.run(plan, True) if logprobs else self.executor.run(plan)
         except ExecutorFailure as exc:
             raise self._recover(exc, []) from exc
         t2 = time.perf_counter()
@@ -196,18 +198,28 @@ class DexEngine:
         record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
         self.stats.observe(record)
         result = StepResult(record)
+        final = self._final_logprobs(plan) if logprobs else {}
         for c in record.commits:
             act = self._active[c.request_id]
             act.generated.append(c.token)
             eos = c.token in self.card.eos_token_ids and not act.req.ignore_eos
             delta, stopped = act.text.push(c.token, final=eos)
-            result.tokens.append(TokenEvent(c.request_id, len(act.generated) - 1, c.token, delta))
+            lp, top = (None, ())
+            if act.req.logprobs is not None:
+                lp, top = decode_logprobs(final[c.request_id], act.req.logprobs)
+            result.tokens.append(TokenEvent(c.request_id, len(act.generated) - 1, c.token, delta, lp, top))
             reason = finish_reason(stopped=stopped, eos=eos, generated=len(act.generated),
                                    max_new_tokens=act.req.max_new_tokens, prompt_tokens=act.prompt_len,
                                    max_context=self.config.max_context)
             if reason is not None:
                 result.finished.append(self._finish(act, reason))
         return result
+
+    def _final_logprobs(self, plan) -> dict[str, list[int]]:
+        """Request id -> the log-probability columns of its final-depth row this round.
+        Only an anchor runs the last segment, so a request has at most one such row."""
+        cols = self.executor.final_logprobs()
+        return {} if cols is None else {row.request_id: c for row, c in zip(plan.rows[-1], cols)}
 
     def _recover(self, exc: ExecutorFailure, extra: list[str]) -> EngineFailure:
         """Drop every request in flight, restart the executor, start a fresh lattice."""
@@ -246,8 +258,9 @@ class DexEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(model=self.card.name, engine="dex", explorers=self.executor.spec.explorers,
-                          mode=self.config.mode, lattice_slots=self.executor.spec.buffers.lattice_slots)
+        spec = self.executor.spec
+        return EngineInfo(model=self.card.name, engine="dex", explorers=spec.explorers, mode=self.config.mode,
+                          lattice_slots=spec.buffers.lattice_slots, logprobs=not spec.null_step)
 
     def close(self) -> None:
         self.executor.close()

@@ -38,6 +38,7 @@ class ExecutorSpec:
     compile: bool = False         # torch.compile(fullgraph=True) each step
     cuda_graphs: bool = True      # on CUDA, capture each step once and replay
     row_buckets: bool = True      # a round runs the narrowest built width that holds its rows
+    vocab: int = 0                # the model's vocabulary (sizes the final readout's log-probabilities)
     null_step: bool = False       # steps cost nothing (scripted readouts): measures coordination alone
     adapters: AdapterInfo | None = None   # boundary adapters, checked against the model and this grid
 
@@ -59,7 +60,8 @@ class Executor(Protocol):
 
     def set_sampling(self, index: int, params: SamplingParams) -> None: ...
     def prefill(self, index: int, token_ids: Sequence[int]) -> None: ...
-    def run(self, plan: Plan) -> Readout: ...
+    def run(self, plan: Plan, logprobs: bool = False) -> Readout: ...
+    def final_logprobs(self) -> list[list[int]] | None: ...
     def restart(self) -> None: ...
     def close(self) -> None: ...
 
@@ -71,7 +73,7 @@ def even_boundaries(layers: int, explorers: int) -> tuple[int, ...]:
     return tuple(k * layers // explorers for k in range(explorers + 1))
 
 
-Variant = tuple[bool, int, int]  # (sampled, attention span, rows)
+Variant = tuple[bool, int, int, bool]  # (sampled, attention span, rows, logprobs)
 
 
 def row_buckets(width: int) -> tuple[int, ...]:
@@ -117,7 +119,7 @@ class StepRunner:
             use_compile_cache(cpu=self.device.type == "cpu")
             # dynamo counts graphs per code object, i.e. over every step in this process:
             # raise its limit by this runner's variants (greedy/sampled x spans x row counts)
-            StepRunner.compiled_variants += 2 * len(self.buckets) * len(self.widths)
+            StepRunner.compiled_variants += 4 * len(self.buckets) * len(self.widths)
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, StepRunner.compiled_variants)
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * StepRunner.compiled_variants)
@@ -155,11 +157,13 @@ class StepRunner:
         return view
 
     def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None,
-                 rows: int | None = None) -> torch.Tensor:
+                 rows: int | None = None, logprobs: bool = False) -> torch.Tensor:
         """`span`: the bucket for the round (`span_for` of the longest hi - lo);
         computed here from host-side inputs when not given. `rows`: how many
         leading rows of `inputs` are real (the rest is padding; default: all);
-        the candidates returned have one row per row run (`rows_for`)."""
+        the candidates returned have one row per row run (`rows_for`).
+        `logprobs`: the final depth also returns the readout's log-probabilities
+        (`step.logprob_columns`) after the candidates (built on first use)."""
         if rows is not None and self.narrow:
             inputs = self.prefix(inputs, self.rows_for(rows))
         if self.on_host:
@@ -167,13 +171,13 @@ class StepRunner:
                 span = self.span(int((inputs.hi.numpy() - inputs.lo.numpy()).max()))
             # host tensors are the step's inputs as they are: no copies, no keyword arguments
             return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
-                           inputs.hi, inputs.anc, sampled, span)
+                           inputs.hi, inputs.anc, sampled, span, logprobs)
         if span is None:
             span = self.span(int((inputs.hi - inputs.lo).max()))
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
-            return self.fn(*args, sampled=sampled, span=span)
-        variant = (sampled, span, args[0].shape[0])
+            return self.fn(*args, sampled=sampled, span=span, logprobs=logprobs)
+        variant = (sampled, span, args[0].shape[0], logprobs)
         if variant not in self.graphs:
             self.graphs[variant] = self._capture(variant)
         graph, static_in, static_out = self.graphs[variant]
@@ -202,18 +206,18 @@ class StepRunner:
         """Warm up on a side stream, then capture with static input buffers.
         The warm-up and capture inputs are padding rows (scratch KV and hidden
         rows), so capturing changes no real state."""
-        sampled, span, rows = variant
+        sampled, span, rows, logprobs = variant
         pad = RowPacker.padding(self.step.spec, rows)
         static_in = tuple(p.to(self.device) for p in pad.as_tuple())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.fn(*static_in, sampled=sampled, span=span)
+                self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self.fn(*static_in, sampled=sampled, span=span)
+            static_out = self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs)
         return graph, static_in, static_out
 
 
@@ -390,6 +394,7 @@ class ReferenceExecutor:
         self.retire_rows = np.zeros((2, b.max_batch), dtype=np.int64)
         self.retire_t = torch.from_numpy(self.retire_rows)
         self.sampled = [False] * b.max_batch  # per request row: does it sample?
+        self._final_logprobs: list[list[int]] | None = None
         self.step_seconds = [0.0] * spec.explorers  # wall time per explorer step (CPU: synchronous)
         self.step_calls = [0] * spec.explorers
 
@@ -408,10 +413,13 @@ class ReferenceExecutor:
                 runner(inputs, sampled=False)  # prefill readouts are not used
 
     @torch.no_grad()
-    def run(self, plan: Plan) -> Readout:
+    def run(self, plan: Plan, logprobs: bool = False) -> Readout:
+        """`logprobs`: the final explorer also reports its readout's
+        log-probabilities (`final_logprobs`, one row per final-depth plan row)."""
         self.apply_retire(plan, self.steps)
         sampled = plan_samples(plan, self.sampled)
         outs = []
+        last = len(plan.rows) - 1
         for k, (rows, runner) in enumerate(zip(plan.rows, self.runners)):
             if not rows:
                 outs.append(None)
@@ -419,13 +427,19 @@ class ReferenceExecutor:
             m, inputs = self.rows[k]
             self.filled[k], need = self.packer.fill(m, rows, self.filled[k])
             t0 = time.perf_counter()
-            outs.append(runner(inputs, sampled, runner.span(need), len(rows)))
+            outs.append(runner(inputs, sampled, runner.span(need), len(rows), logprobs and k == last))
             self.step_seconds[k] += time.perf_counter() - t0
             self.step_calls[k] += 1
         # the one host sync of the round
-        return Readout(tuple(
-            tuple(map(tuple, out[: len(rows)].tolist())) if out is not None else ()
-            for rows, out in zip(plan.rows, outs)))
+        host = [out[: len(rows)].tolist() if out is not None else [] for rows, out in zip(plan.rows, outs)]
+        C = self.spec.candidates
+        self._final_logprobs = [r[C:] for r in host[last]] if logprobs else None
+        return Readout(tuple(tuple(tuple(r[:C]) for r in rows) for rows in host))
+
+    def final_logprobs(self) -> list[list[int]] | None:
+        """The last round's final-depth log-probability columns (`step.logprob_columns`),
+        per final-depth plan row, when it was run with `logprobs`."""
+        return self._final_logprobs
 
     def apply_retire(self, plan: Plan, steps: Sequence) -> None:
         if not plan.retire:

@@ -51,7 +51,7 @@ class NullRunner:
         return span_for(need, self.buckets)
 
     def __call__(self, inputs: StepInputs, sampled: bool = True, span: int | None = None,
-                 rows: int | None = None) -> torch.Tensor:
+                 rows: int | None = None, logprobs: bool = False) -> torch.Tensor:
         tok, pos = inputs.token.numpy(), inputs.position.numpy()
         y = (tok * 2654435761 + pos * 40503 + 12345) % self.vocab
         c = (y[:, None] + self._rank[None, :]) % self.vocab

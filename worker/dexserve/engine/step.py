@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dexserve.contract.limits import DEFAULT_LIMITS
 from dexserve.engine.model import Weights, layer_forward, rms_norm
 from dexserve.engine.sampling import selection_scores
 
@@ -62,6 +63,42 @@ class BufferSpec:
     @property
     def hidden_scratch(self) -> int:
         return self.hidden_rows - 1
+
+
+MAX_LOGPROBS = DEFAULT_LIMITS.max_logprobs  # alternatives the final readout reports
+LOGPROB_SCALE = 1e9       # log-probabilities travel as int64 fixed point with the candidates
+LOGPROB_FLOOR = -9999.0   # -inf is reported as OpenAI reports it
+
+
+def logprob_top(vocab: int) -> int:
+    """How many alternatives the final readout reports for a vocabulary."""
+    return min(MAX_LOGPROBS, vocab)
+
+
+def logprob_width(candidates: int, vocab: int) -> int:
+    """Columns of a final readout with log-probabilities: candidates, the chosen
+    token's log-probability, the top ids, their log-probabilities."""
+    return candidates + 1 + 2 * logprob_top(vocab)
+
+
+def logprob_columns(raw: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """The readout's natural-log probabilities (of the model's own distribution,
+    before temperature and filtering) as int64 columns: the chosen token's, then
+    the `top` most likely token ids, then their log-probabilities (fixed point,
+    LOGPROB_SCALE; `decode_logprobs` reads them back)."""
+    lp = torch.log_softmax(raw.float(), dim=-1)
+    best = torch.topk(lp, top, dim=-1)
+
+    def fixed(v: torch.Tensor) -> torch.Tensor:
+        return torch.round(v.clamp(min=LOGPROB_FLOOR).double() * LOGPROB_SCALE).long()
+    return fixed(lp.gather(-1, chosen)), best.indices, fixed(best.values)
+
+
+def decode_logprobs(row, n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """One row of `logprob_columns` (host ints) -> (chosen logprob, the n best (id, logprob))."""
+    top = (len(row) - 1) // 2
+    ids, vals = row[1:1 + top], row[1 + top:]
+    return row[0] / LOGPROB_SCALE, tuple((int(ids[i]), vals[i] / LOGPROB_SCALE) for i in range(min(n, top)))
 
 
 def span_buckets(limit: int, smallest: int = 32) -> tuple[int, ...]:
@@ -120,6 +157,7 @@ class ExplorerStep(nn.Module):
         self.adapter_w, self.adapter_v, self.adapter_b = adapter if adapter else (None, None, None)
         self.cos, self.sin = cos, sin
         self.spec = spec
+        self.logprobs_top = logprob_top(d.vocab)
         # all of this explorer's K and V in one tensor: layer i's K buffer is rows
         # [i*R, (i+1)*R) and its V buffer rows [(n+i)*R, (n+i+1)*R) (R = kv_rows, n layers).
         # Retiring a node moves its rows for every layer in one gather and one scatter
@@ -139,12 +177,14 @@ class ExplorerStep(nn.Module):
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
                 request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
-                sampled: bool = True, span: int | None = None) -> torch.Tensor:
-        """Two host-side choices pick the variant, each its own static graph:
+                sampled: bool = True, span: int | None = None, logprobs: bool = False) -> torch.Tensor:
+        """Host-side choices pick the variant, each its own static graph:
         `sampled=False` is the greedy variant (no filtering, no noise), and
         `span` (a bucket from `span_buckets`, at least every row's hi - lo) is
         how many committed rows from `lo` each row gathers for attention, so a
-        short context reads a short slice of the KV buffers, not all of it."""
+        short context reads a short slice of the KV buffers, not all of it.
+        `logprobs` (the final depth, when a request asks): the candidates are
+        followed by the log-probabilities of the readout (see `logprob_columns`)."""
         if self.first:
             x = self.embed[token]
         else:
@@ -159,14 +199,19 @@ class ExplorerStep(nn.Module):
         if self.adapter_w is not None:
             a = r if self.adapter_v is None else torch.nn.functional.linear(r, self.adapter_v)
             r = r + torch.nn.functional.linear(a, self.adapter_w, self.adapter_b)
-        logits = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
+        raw = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
+        logits = raw
         # the readout at this depth proposes the token for position + 1
         if sampled:
             logits = selection_scores(logits, self.temperature[request], self.top_k[request], self.top_p[request],
                                       self.seed[request], position + 1)
         if self.candidates == 1:  # one candidate: a fused reduction, not a top-k call
-            return logits.argmax(dim=-1, keepdim=True)
-        return torch.topk(logits, self.candidates, dim=-1).indices
+            cand = logits.argmax(dim=-1, keepdim=True)
+        else:
+            cand = torch.topk(logits, self.candidates, dim=-1).indices
+        if not logprobs:
+            return cand
+        return torch.cat([cand, *logprob_columns(raw, cand[:, :1], self.logprobs_top)], dim=1)
 
     def visible_keys(self, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
                      span: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ class DistributedExecutor:
         shared = None
         if self.transport_kind == "shm":
             b = spec.buffers
-            shared = SharedRound.create(self.codec.size, world, wmax, spec.candidates, b.hidden_rows,
+            shared = SharedRound.create(self.codec.size, world, wmax, self.codec.cand_width, b.hidden_rows,
                                         dims.hidden, spec.dtype)
         if under_torchrun():
             from dexserve.engine.distributed.torchrun import init_torchrun, share_settings
@@ -111,7 +111,7 @@ class DistributedExecutor:
         if shared is None:
             self.transport: Transport = CollectiveTransport(0, world)
             payload = torch.zeros(self.codec.size, dtype=torch.long)
-            cand = torch.zeros(wmax, spec.candidates, dtype=torch.long,
+            cand = torch.zeros(wmax, self.codec.cand_width, dtype=torch.long,
                                device="cpu" if spec.device == "cpu" else "cuda:0")
             self.cand_all = None
         else:
@@ -127,6 +127,7 @@ class DistributedExecutor:
             m[:] = self.packer.pad_row
         self.filled = [0] * world
         self.sampled = [False] * spec.buffers.max_batch
+        self._final_logprobs: list[list[int]] | None = None
 
     def restart(self) -> None:
         """Bring up a fresh set of explorers after a failure (lattice state is gone)."""
@@ -187,10 +188,14 @@ class DistributedExecutor:
             self.local.prefill()
             self.transport.wait_all()
 
-    def run(self, plan: Plan) -> Readout:
-        return self._guard(self._run, plan)
+    def run(self, plan: Plan, logprobs: bool = False) -> Readout:
+        return self._guard(self._run, plan, logprobs)
 
-    def _run(self, plan: Plan) -> Readout:
+    def final_logprobs(self) -> list[list[int]] | None:
+        """The last round's final-depth log-probability columns, per final-depth plan row."""
+        return self._final_logprobs
+
+    def _run(self, plan: Plan, logprobs: bool = False) -> Readout:
         t0 = time.perf_counter()
         v, b = self.views, self.spec.buffers
         span = self.local.runner.span
@@ -205,7 +210,7 @@ class DistributedExecutor:
             v.retire[0, i] = b.lattice_kv_row(r.slot)
             v.retire[1, i] = r.request_index * b.max_context + r.position
         sampled = any(self.sampled) and any(self.sampled[r.request_index] for rows in plan.rows for r in rows)
-        v.header[:self.codec.SPANS + len(spans)] = [CMD_ROUND, *counts, len(retire), sampled, *spans]
+        v.header[:self.codec.LOGPROBS + 1] = [CMD_ROUND, *counts, len(retire), sampled, *spans, logprobs]
         t1 = time.perf_counter()
         self.transport.broadcast(self.payload)
         t2 = time.perf_counter()
@@ -217,7 +222,9 @@ class DistributedExecutor:
             c = self.cand_all
         else:  # collective: one stacked copy to the host, the round's one sync
             c = torch.stack(gathered).cpu().numpy()
-        out = Readout(tuple(tuple(map(tuple, c[k, :n].tolist())) for k, n in enumerate(counts)))
+        C, last = self.spec.candidates, len(counts) - 1
+        out = Readout(tuple(tuple(map(tuple, c[k, :n, :C].tolist())) for k, n in enumerate(counts)))
+        self._final_logprobs = c[last, :counts[last], C:].tolist() if logprobs else None
         t5 = time.perf_counter()
         ps = self.phase_seconds
         ps[0] += t1 - t0

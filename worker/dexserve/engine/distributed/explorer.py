@@ -93,10 +93,11 @@ class _Rank:
         sent = None
         if h[c.COUNTS + k]:
             t0 = time.perf_counter()
-            out = self.runner(v.inputs[k], bool(h[c.SAMPLED]), h[c.SPANS + k], h[c.COUNTS + k])
+            out = self.runner(v.inputs[k], bool(h[c.SAMPLED]), h[c.SPANS + k], h[c.COUNTS + k],
+                              bool(h[c.LOGPROBS]) and k + 1 == self.world)
             self.step_seconds += time.perf_counter() - t0
             self.step_calls += 1
-            self.cand[: out.shape[0]].copy_(out)
+            self.cand[: out.shape[0], : out.shape[1]].copy_(out)
             if self.handing and k + 1 < self.world:
                 rows = self.step.hidden.index_select(0, v.inputs[k].slot.to(self.device, non_blocking=True))
                 sent = self.transport.handoff_send(rows, k + 1)
@@ -164,7 +165,7 @@ def run_rank(rank: int, settings: ExplorerSettings, transport: Transport, shared
         payload, cand, hidden = shared.plan, shared.cand[rank], shared.hidden
     else:
         payload = torch.zeros(codec.size, dtype=torch.long)
-        cand = torch.zeros(max(settings.spec.widths), settings.spec.candidates, dtype=torch.long,
+        cand = torch.zeros(max(settings.spec.widths), codec.cand_width, dtype=torch.long,
                            device="cpu" if settings.spec.device == "cpu" else f"cuda:{rank}")
         hidden = None
     me = _Rank.build(rank, ModelCard.load(settings.model_path), settings.spec, transport, payload, cand, hidden)

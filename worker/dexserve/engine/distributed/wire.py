@@ -9,6 +9,7 @@ Payload layout (int64, `PlanCodec.size` values, allocated once):
     [K+1]                   retire count
     [K+2]                   sampled flag (any row of the round samples)
     [K+3 .. 2K+2]           attention span per explorer
+    [2K+3]                  log-probabilities flag (the final explorer reports them)
     header + off_k          explorer k's rows: [W_k, 7 + A] (token, position, slot,
                             kv_row, request, lo, hi, A ancestor KV rows)
     retire_off              [2, retire_max]: lattice KV rows -> context KV rows
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from dexserve.engine.executor import ExecutorSpec
-from dexserve.engine.step import StepInputs
+from dexserve.engine.step import StepInputs, logprob_width
 
 CMD_ROUND, CMD_PREFILL, CMD_SAMPLING, CMD_STOP = 1, 2, 3, 4
 FIELDS = 7  # token, position, slot, kv_row, request, lo, hi (+ A ancestor rows)
@@ -82,7 +83,7 @@ class PlanCodec:
         self.spec = spec
         K = spec.explorers
         self.K = K
-        self.header = max(8, 2 * K + 3)
+        self.header = max(8, 2 * K + 4)
         A = spec.buffers.ancestors
         self.row = FIELDS + A
         self.sizes = [w * self.row for w in spec.widths]
@@ -98,6 +99,9 @@ class PlanCodec:
         self.RETIRE = 1 + K
         self.SAMPLED = 2 + K
         self.SPANS = 3 + K
+        self.LOGPROBS = 3 + 2 * K
+        # candidates per row in the answer: the final explorer may add its log-probabilities
+        self.cand_width = logprob_width(spec.candidates, spec.vocab) if spec.vocab else spec.candidates
 
     @staticmethod
     def step_inputs(t: torch.Tensor) -> StepInputs:
