@@ -24,7 +24,7 @@ def hist(h: dict) -> str:
 def modes_table(doc: dict, where: str = "one process") -> list[str]:
     c = doc["config"]
     out = [f"K={c['explorers']}, W={c['width']}, {c['prompts']} held-out prompts, {c['max_new_tokens']} new tokens, "
-           f"{c['threads']} thread, {where}", "",
+           f"{c['threads'] or 1} thread, {where}", "",
            "| mode | RPT | tokens/s | fallback rate | wasted node-segments | mean occupancy | identical to ar | "
            "acceptance by boundary |", "|---|---|---|---|---|---|---|---|"]
     for mode, r in doc["modes"].items():
