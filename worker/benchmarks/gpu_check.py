@@ -149,16 +149,17 @@ class TimedRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def __call__(self, inputs, sampled: bool = True, span: int | None = None, rows: int | None = None):
+    def __call__(self, inputs, sampled: bool = True, span: int | None = None, rows: int | None = None,
+                 logprobs: bool = False):
         if self.sink.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.runner(inputs, sampled, span, rows)
+            out = self.runner(inputs, sampled, span, rows, logprobs)
             end.record()
             self.sink.pending.append((self.k, start, end))
         else:
             t0 = time.perf_counter()
-            out = self.runner(inputs, sampled, span, rows)
+            out = self.runner(inputs, sampled, span, rows, logprobs)
             self.sink.add(self.k, time.perf_counter() - t0)
         return out
 
