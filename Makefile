@@ -41,10 +41,17 @@ redis7:
 		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
 
+# curl: the SSE test drives the HTTP door with `curl -N`, as users do.
+curl:
+	@command -v curl >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q curl >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q curl; }; }
+
 run: setup
 	$(BIN)/dex up
 
-test: setup tools redis7 debootstrap
+test: setup tools redis7 debootstrap curl
 	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 proto: setup

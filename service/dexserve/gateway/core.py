@@ -385,3 +385,18 @@ def _field_of(message: str, code: grpc.StatusCode) -> str | None:
             all(c.isalnum() or c in "_.[]" for c in head):
         return head
     return None
+
+
+def join_chunks(chunks: list[pb.GenerateChunk]) -> pb.GenerateChunk:
+    """A whole answer from its stream chunks (both doors' non-streaming calls)."""
+    out = pb.GenerateChunk()
+    texts = []
+    for c in chunks:
+        out.token_ids.extend(c.token_ids)
+        out.logprobs.extend(c.logprobs)
+        texts.append(c.text)
+        if c.finish_reason:
+            out.finish_reason = c.finish_reason
+            out.usage.CopyFrom(c.usage)
+    out.text = "".join(texts)
+    return out

@@ -25,6 +25,7 @@ from dexserve.contract.model_card import PromptTokenizer
 from dexserve.queue.codec import finish_reason_from_pb
 from dexserve.contract.request import FinishReason
 from dexserve.contract.validation import LOGPROBS_UNSUPPORTED
+from dexserve.gateway.core import join_chunks
 from dexserve.v1 import dex_pb2 as pb
 
 MAX_SEED = 2**64 - 1
@@ -306,7 +307,7 @@ class CompletionView(_View):
         return self._stream_usage(self._envelope("text_completion", [choice]))
 
     def response(self, chunks: list[pb.GenerateChunk]) -> dict:
-        whole = _join(chunks)
+        whole = join_chunks(chunks)
         choice = {"index": 0, "text": whole.text, "logprobs": self.logprobs_json(whole),
                   "finish_reason": finish_json(whole.finish_reason)}
         return {**self._envelope("text_completion", [choice]), "usage": usage_json(whole.usage)}
@@ -338,24 +339,10 @@ class ChatView(_View):
         return self._stream_usage(self._envelope(self.chunk_object, [choice]))
 
     def response(self, chunks: list[pb.GenerateChunk]) -> dict:
-        whole = _join(chunks)
+        whole = join_chunks(chunks)
         choice = {"index": 0, "message": {"role": "assistant", "content": whole.text, "refusal": None},
                   "logprobs": self.logprobs_json(whole), "finish_reason": finish_json(whole.finish_reason)}
         return {**self._envelope("chat.completion", [choice]), "usage": usage_json(whole.usage)}
-
-
-def _join(chunks: list[pb.GenerateChunk]) -> pb.GenerateChunk:
-    out = pb.GenerateChunk()
-    texts = []
-    for c in chunks:
-        out.token_ids.extend(c.token_ids)
-        out.logprobs.extend(c.logprobs)
-        texts.append(c.text)
-        if c.finish_reason:
-            out.finish_reason = c.finish_reason
-            out.usage.CopyFrom(c.usage)
-    out.text = "".join(texts)
-    return out
 
 
 def view(request_id: str, model: str, opts: Options, tokenizer: PromptTokenizer | None) -> _View:

@@ -10,7 +10,8 @@ from contextlib import aclosing
 
 import grpc
 
-from dexserve.gateway.core import Draining, GatewayCore, Rejected, Served, StreamSlot, resume_position
+from dexserve.gateway.core import (Draining, GatewayCore, Rejected, Served, StreamSlot, join_chunks,
+                                   resume_position)
 from dexserve.gateway.observer import GatewayObserver
 from dexserve.queue.protocol import FINAL_METADATA
 from dexserve.queue.producer import RequestQueue
@@ -45,17 +46,11 @@ class DexServicer(dex_pb2_grpc.DexServiceServicer):
         slot = await self._slot(context)
         try:
             qreq = await self._admit(request, context)
-            out = pb.CompleteResponse(request_id=qreq.request_id)
-            texts = []
-            async for chunk in self._follow(qreq.request_id, context, resume_position(request), slot):
-                out.token_ids.extend(chunk.token_ids)
-                out.logprobs.extend(chunk.logprobs)
-                texts.append(chunk.text)
-                if chunk.finish_reason:
-                    out.finish_reason = chunk.finish_reason
-                    out.usage.CopyFrom(chunk.usage)
-            out.text = "".join(texts)
-            return out
+            chunks = [c async for c in self._follow(qreq.request_id, context, resume_position(request), slot)]
+            whole = join_chunks(chunks)
+            return pb.CompleteResponse(request_id=qreq.request_id, text=whole.text, token_ids=whole.token_ids,
+                                       finish_reason=whole.finish_reason, usage=whole.usage,
+                                       logprobs=whole.logprobs)
         finally:
             slot.release()
 
