@@ -64,6 +64,7 @@ def test_cpu_workers_without_gpus() -> None:
 @pytest.mark.parametrize("key, env_name, value", [
     ("worker.engine.width", "DEX_WIDTH", "16"), ("worker.engine.maxBatch", "DEX_MAX_BATCH", "12"),
     ("worker.engine.dtype", "DEX_DTYPE", "bfloat16"), ("worker.engine.threads", "DEX_THREADS", "3"),
+    ("worker.engine.kvMemoryGiB", "DEX_KV_MEMORY", "24.5"),
     ("serving.maxContext", "DEX_MAX_CONTEXT", "2048")])
 def test_every_engine_value_reaches_the_worker_env(key, env_name, value) -> None:
     c = _pod_spec(render(sets=(f"{key}={value}",)), "-worker")["containers"][0]
@@ -76,6 +77,7 @@ def test_engine_env_names_are_what_the_cli_reads() -> None:
     import os
     from unittest import mock
 
+    from dexserve.contract.model_card import ModelCard
     from dexserve.launch.worker import add_arguments, settings_from_args
 
     c = _pod_spec(render(GPU_KEDA_VALUES), "-worker")["containers"][0]
@@ -85,9 +87,11 @@ def test_engine_env_names_are_what_the_cli_reads() -> None:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         cfg = settings_from_args(parser.parse_args(c["args"][1:])).engine_config
-    assert (cfg.device, cfg.executor, cfg.transport, cfg.explorers, cfg.width, cfg.max_batch, cfg.dtype) == \
-        ("cuda", "distributed", "torch", 4, 8, 8, "bfloat16")
-    assert cfg.max_context == int(env["DEX_MAX_CONTEXT"])
+    # width and batch auto (sized by the KV budget when the engine loads), context the model's own
+    assert (cfg.device, cfg.executor, cfg.transport, cfg.explorers, cfg.width, cfg.max_batch, cfg.dtype,
+            cfg.kv_memory_gib) == ("cuda", "distributed", "torch", 4, 0, 0, "bfloat16", 40.0)
+    assert env["DEX_MAX_CONTEXT"] == "0"
+    assert cfg.max_context == ModelCard.load(None).max_position_embeddings
 
 
 @pytest.mark.parametrize("flag, sets", [("--compile", ("worker.engine.compile=true",)),

@@ -83,7 +83,7 @@ def test_dead_explorer_fails_request_and_engine_recovers(tiny_dirs, transport):
 def test_shm_transport_is_refused_where_it_cannot_work(tiny_dirs):
     with pytest.raises(ValueError, match="transport shm is for CPU explorers"):
         DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, executor="distributed", transport="shm",
-                                                          device="cuda"))
+                                                          device="cuda", max_batch=1))
 
 
 @pytest.mark.parametrize("transport", ["torch", "shm"])

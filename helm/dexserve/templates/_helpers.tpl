@@ -343,6 +343,10 @@ no GPU: cpu with engine.executor / engine.transport.
   value: {{ $e.width | quote }}
 - name: DEX_MAX_BATCH
   value: {{ $e.maxBatch | quote }}
+{{- if $e.kvMemoryGiB }}
+- name: DEX_KV_MEMORY
+  value: {{ $e.kvMemoryGiB | quote }}
+{{- end }}
 - name: DEX_DTYPE
   value: {{ $e.dtype | quote }}
 {{- if $e.threads }}

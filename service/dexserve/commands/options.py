@@ -12,6 +12,7 @@ import argparse
 import os
 
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
+from dexserve.contract.model_card import ModelCard
 from dexserve.queue.protocol import QueueNames, QueueSettings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -62,15 +63,21 @@ def queue_flags(args: argparse.Namespace) -> list[str]:
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("serving limits (the gateway and every worker must agree)")
-    g.add_argument("--max-context", type=int, default=_env_int("DEX_MAX_CONTEXT", DEFAULT_LIMITS.max_context),
-                   help="positions per request, prompt + generated (env DEX_MAX_CONTEXT)")
+    g.add_argument("--max-context", type=int, default=_env_int("DEX_MAX_CONTEXT", 0),
+                   help="positions per request, prompt + generated (env DEX_MAX_CONTEXT; default 0 = the "
+                        "model's own max_position_embeddings)")
     g.add_argument("--max-new-tokens-limit", type=int,
                    default=_env_int("DEX_MAX_NEW_TOKENS", DEFAULT_LIMITS.max_new_tokens),
                    help="largest max_new_tokens a request may ask for (env DEX_MAX_NEW_TOKENS)")
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
-    return Limits(max_context=args.max_context, max_new_tokens=args.max_new_tokens_limit)
+    """`--max-context 0`: the context of the model in `--model` (gateway and workers read the same
+    card, so they agree; `dex up` passes 0 on to each)."""
+    context = args.max_context
+    if context == 0:
+        context = ModelCard.load(getattr(args, "model", None)).max_position_embeddings
+    return Limits(max_context=context, max_new_tokens=args.max_new_tokens_limit)
 
 
 def limit_flags(args: argparse.Namespace) -> list[str]:

@@ -48,6 +48,11 @@ class ModelCard:
     eos_token_ids: tuple[int, ...]
     config: dict
 
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the checkpoint was saved in (config.json `dtype`, or the older `torch_dtype`)."""
+        return self.config.get("dtype") or self.config.get("torch_dtype")
+
     @classmethod
     def load(cls, model: str | os.PathLike | None) -> "ModelCard":
         path = resolve_model_dir(model)

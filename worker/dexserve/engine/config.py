@@ -30,19 +30,26 @@ def parse_mode(mode: str, explorers: int) -> frozenset[int]:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO_WIDTH = 8       # rows per explorer per round when the width is auto and the batch is smaller
+# An auto batch (engine.memory): what the KV budget holds, at most this many per device type (a CPU's cores
+# are busy long before; a GPU keeps gaining up to a few dozen rows), and the budget, a share of free memory.
+AUTO_BATCH_CAP = {"cpu": 8, "cuda": 64}
+FREE_SHARE = {"cpu": 0.5, "cuda": 0.85}
 
 
 @dataclass
 class EngineConfig:
     explorers: int = 4
-    width: int | tuple[int, ...] = 8      # rows per explorer per round (one value, or one per explorer)
+    width: int | tuple[int, ...] = 0      # rows per explorer per round (one value, or one per explorer); 0: auto
     mode: str = "dex"
     decs: bool = True
     policy: Policy = "priority"
     max_context: int = DEFAULT_LIMITS.max_context
-    max_batch: int = 4                    # requests in flight
+    max_batch: int = 0                    # requests in flight; 0: auto, what the KV budget holds (engine.memory)
+    kv_memory_gib: float | None = None    # the KV budget that sizes an auto batch; None: a share of free memory
     slots: int | None = None              # lattice slots; default K*W + max_batch
-    prefill_chunk: int = 32
+    prefill_chunk: int = 32               # prompt positions per prefill step
+    prefill_share: float = 1.0            # while others decode: prefill time per round, x a round's time (0: whole prompts at once)
     max_new_tokens: int = DEFAULT_LIMITS.max_new_tokens   # the largest max_new_tokens a request may ask for
     executor: ExecutorKind = "reference"
     transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
@@ -54,10 +61,14 @@ class EngineConfig:
     adapters: str = "auto"                # boundary adapters: auto (the file next to the model, if any) | none | a path
 
     def widths(self) -> tuple[int, ...]:
-        """Rows per explorer step. Mode `ar` never spawns: each request has one
-        node, so an explorer runs at most max_batch rows whatever W says (1 for
-        a single stream); its steps are built that narrow."""
-        w = (self.width,) * self.explorers if isinstance(self.width, int) else tuple(self.width)
+        """Rows per explorer step. Auto (0): `AUTO_WIDTH`, or the batch if larger,
+        so that every request can move each round. Mode `ar` never spawns: each
+        request has one node, so an explorer runs at most max_batch rows whatever
+        W says (1 for a single stream); its steps are built that narrow."""
+        if self.max_batch < 1:
+            raise ValueError("max_batch is sized when the engine loads (DexEngine.load); widths() needs it")
+        width = self.width or max(AUTO_WIDTH, self.max_batch)
+        w = (width,) * self.explorers if isinstance(width, int) else tuple(width)
         if len(w) != self.explorers:
             raise ValueError(f"width: give one value or {self.explorers} (one per explorer), got {len(w)}")
         if min(w) < 1:

@@ -13,6 +13,7 @@ same tokens and texts, position by position.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -22,7 +23,8 @@ import torch
 from dexserve.engine.adapters import AdapterInfo, resolve_adapters
 from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
-from dexserve.engine.config import EngineConfig, parse_mode
+from dexserve.engine.config import AUTO_WIDTH, EngineConfig, parse_mode
+from dexserve.engine.memory import kv_budget, weight_bytes
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.contract.engine import EngineInfo
@@ -36,6 +38,9 @@ from dexserve.engine.tokenizer import load_tokenizer
 from dexserve.contract.text import TextStream
 from dexserve.contract.validation import validate_request
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _Active:
     req: GenerationRequest
@@ -45,14 +50,27 @@ class _Active:
     generated: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Prefill:
+    """A request whose prompt is still being written to its KV rows, a chunk at a time."""
+    act: _Active
+    ids: list[int]      # the prompt; positions 0..len-2 are prefilled, the last token seeds the lattice
+    done: int = 0       # positions prefilled so far (a multiple of the chunk, or all of them)
+
+
 class DexEngine:
     def __init__(self, card: ModelCard, config: EngineConfig, executor: Executor, tokenizer) -> None:
         self.card = card
-        self.config = config
+        # an auto batch is what the executor was built for
+        self.config = config if config.max_batch else dataclasses.replace(
+            config, max_batch=executor.spec.buffers.max_batch)
+        config = self.config
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = config.limits
         self._active: dict[str, _Active] = {}
+        self._prefilling: dict[str, _Prefill] = {}   # admitted, prompt not yet fully prefilled (FIFO)
+        self._round_seconds = 0.0                    # recent round time (EMA): sizes the prefill share
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
         self.reconfigure(config.mode, config.decs, config.policy)
 
@@ -88,6 +106,7 @@ class DexEngine:
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
             raise ModelLoadError(f"{card.path}: hidden_act {dims.act!r} is not supported")
+        config = cls.sized(card, config)
         spec = cls.executor_spec(card, config)
         if config.executor == "reference":
             executor: Executor = ReferenceExecutor(card, spec)
@@ -98,7 +117,24 @@ class DexEngine:
         return cls(card, config, executor, load_tokenizer(card))
 
     @staticmethod
+    def sized(card: ModelCard, config: EngineConfig) -> EngineConfig:
+        """`config` with an auto batch (max_batch 0) sized by the KV budget (`engine.memory`)."""
+        if config.max_batch:
+            return config
+        dtype = getattr(torch, config.resolved_dtype(card.dtype))
+        budget = kv_budget(ModelDims.from_config(card.config), dtype, config.device, config.max_context,
+                           weight_bytes(card.path, card.dtype, dtype), config.kv_memory_gib,
+                           slots=config.explorers * (config.width or AUTO_WIDTH) if isinstance(config.width, int)
+                           else sum(config.width))
+        if budget.max_batch < 1:
+            raise ValueError(f"the KV budget does not hold one {config.max_context}-position request: "
+                             f"{budget.describe()}; lower --max-context or raise --kv-memory")
+        log.info("max_batch auto: %d (%s)", budget.batch, budget.describe())
+        return dataclasses.replace(config, max_batch=budget.batch)
+
+    @staticmethod
     def executor_spec(card: ModelCard, config: EngineConfig) -> ExecutorSpec:
+        config = DexEngine.sized(card, config)
         K = config.explorers
         if not 1 <= K <= card.num_layers:
             raise ValueError(f"explorers: K={K} must be in 1..{card.num_layers} (the model's layer count)")
@@ -107,6 +143,10 @@ class DexEngine:
                              f"max_position_embeddings {card.max_position_embeddings}")
         if config.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if config.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {config.prefill_chunk}")
+        if not 0 <= config.prefill_share < float("inf"):
+            raise ValueError(f"prefill_share must be a finite number >= 0, got {config.prefill_share}")
         widths = config.widths()
         parse_mode(config.mode, K)
         slots = config.slots or (sum(widths) + config.max_batch)
@@ -120,8 +160,7 @@ class DexEngine:
         boundaries = even_boundaries(card.num_layers, K)
         return ExecutorSpec(boundaries=boundaries, buffers=buffers, widths=widths,
                             candidates=max(1, K - 1), device=config.device,
-                            dtype=getattr(torch, config.resolved_dtype(
-                                card.config.get("dtype") or card.config.get("torch_dtype"))),
+                            dtype=getattr(torch, config.resolved_dtype(card.dtype)),
                             compile=config.compile, cuda_graphs=config.cuda_graphs, vocab=card.vocab_size,
                             adapters=resolve_adapters(card, config.adapters, boundaries[1:-1]))
 
@@ -148,31 +187,63 @@ class DexEngine:
         return len(self._active)
 
     def add(self, req: GenerationRequest) -> None:
+        """Admit a request: it takes a batch row now; its prompt is prefilled by
+        the following `step` calls, in chunks between the running requests'
+        rounds (`EngineConfig.prefill_share`), and it joins the lattice when
+        its prompt is in."""
         if req.request_id in self._active:
             raise InvalidRequest("request_id", f"{req.request_id!r} is already running")
         ids = self.validate(req)
         if not self._free_rows:
             raise RuntimeError("engine is full: check has_capacity() before add()")
         index = self._free_rows.pop()
-        added = False
         try:
             self.executor.set_sampling(index, dataclasses.replace(req.sampling, seed=fold_seed(req.sampling.seed)))
-            if len(ids) > 1:
-                self.executor.prefill(index, ids[:-1])
-            self.lattice.add_request(req.request_id, index, ids[-1], len(ids) - 1)
-            added = True
-            self._active[req.request_id] = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
         except ExecutorFailure as exc:
             self._free_rows.append(index)
             raise self._recover(exc, [req.request_id]) from exc
         except BaseException:
-            # Anything else failing for this request gives back what it took (its batch row,
-            # its lattice slot), so a refused request never shrinks the engine.
-            if added:
-                self.lattice.remove_request(req.request_id)
-            self._active.pop(req.request_id, None)
+            # a refused request gives back its batch row, so it never shrinks the engine
             self._free_rows.append(index)
             raise
+        act = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
+        self._active[req.request_id] = act
+        self._prefilling[req.request_id] = _Prefill(act, ids)
+
+    @property
+    def prefilling(self) -> int:
+        """Admitted requests whose prompts are not yet fully prefilled."""
+        return len(self._prefilling)
+
+    def _prefill(self) -> None:
+        """Prefill admitted prompts, oldest first. With nothing decoding, the
+        oldest goes in whole (nobody waits on it) and starts decoding. While
+        requests decode, a step spends at most `prefill_share` x a recent
+        round's time on prefill, in whole chunks and at least one, so running
+        streams keep committing while a long prompt arrives; `prefill_share` 0
+        prefills every pending prompt whole (the running streams wait). Chunks
+        always start at multiples of `prefill_chunk`: how prompts interleave
+        with rounds never changes what is computed."""
+        share, chunk = self.config.prefill_share, self.config.prefill_chunk
+        t0, worked = time.perf_counter(), False
+        for rid in list(self._prefilling):
+            p = self._prefilling[rid]
+            todo = len(p.ids) - 1
+            while p.done < todo:
+                interleave = share > 0 and len(self._active) > len(self._prefilling)
+                if interleave and worked and time.perf_counter() - t0 >= share * self._round_seconds:
+                    return
+                end = min(todo, p.done + chunk) if interleave else todo
+                try:
+                    self.executor.prefill(p.act.index, p.ids[p.done:end], p.done)
+                except ExecutorFailure as exc:
+                    raise self._recover(exc, []) from exc
+                except BaseException:
+                    self._release(p.act)   # this request gives back its row; the others go on
+                    raise
+                p.done, worked = end, True
+            del self._prefilling[rid]
+            self.lattice.add_request(rid, p.act.index, p.ids[-1], todo)
 
     def cancel(self, request_id: str) -> Finished | None:
         act = self._active.get(request_id)
@@ -182,7 +253,9 @@ class DexEngine:
 
     # ---- rounds ----------------------------------------------------------
     def step(self) -> StepResult:
-        if not self._active:
+        if self._prefilling:
+            self._prefill()
+        if len(self._active) == len(self._prefilling):   # nothing decoding (yet)
             return StepResult(None)
         t0 = time.perf_counter()
         plan = self.lattice.plan()
@@ -197,6 +270,8 @@ class DexEngine:
         record = self.lattice.absorb(readout)
         record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
         self.stats.observe(record)
+        self._round_seconds = record.seconds if not self._round_seconds else \
+            0.8 * self._round_seconds + 0.2 * record.seconds
         result = StepResult(record)
         final = self._final_logprobs(plan) if logprobs else {}
         for c in record.commits:
@@ -225,6 +300,7 @@ class DexEngine:
         """Drop every request in flight, restart the executor, start a fresh lattice."""
         lost = list(self._active) + extra
         self._active.clear()
+        self._prefilling.clear()
         self._free_rows = list(range(self.config.max_batch - 1, -1, -1))
         self.executor.restart()
         stats = self.stats
@@ -232,10 +308,16 @@ class DexEngine:
         self.stats = stats
         return EngineFailure(f"decoding failed and was restarted: {exc}", lost)
 
-    def _finish(self, act: _Active, reason: FinishReason) -> Finished:
-        self.lattice.remove_request(act.req.request_id)
-        del self._active[act.req.request_id]
+    def _release(self, act: _Active) -> None:
+        """Give back everything a request holds: its lattice nodes, its batch row."""
+        rid = act.req.request_id
+        if self._prefilling.pop(rid, None) is None:
+            self.lattice.remove_request(rid)
+        del self._active[rid]
         self._free_rows.append(act.index)
+
+    def _finish(self, act: _Active, reason: FinishReason) -> Finished:
+        self._release(act)
         tail = act.text.flush() if reason is not FinishReason.STOP else ""
         return Finished(act.req.request_id, reason, act.prompt_len, len(act.generated), tail)
 

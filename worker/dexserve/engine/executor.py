@@ -59,7 +59,7 @@ class Executor(Protocol):
     spec: ExecutorSpec
 
     def set_sampling(self, index: int, params: SamplingParams) -> None: ...
-    def prefill(self, index: int, token_ids: Sequence[int]) -> None: ...
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None: ...
     def run(self, plan: Plan, logprobs: bool = False) -> Readout: ...
     def final_logprobs(self) -> list[list[int]] | None: ...
     def restart(self) -> None: ...
@@ -404,11 +404,12 @@ class ReferenceExecutor:
             s.set_sampling(index, params.temperature, params.top_k, params.top_p, params.seed)
 
     @torch.no_grad()
-    def prefill(self, index: int, token_ids: Sequence[int]) -> None:
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
+        """Write prompt positions start..start+len-1 to request row `index`'s KV rows."""
         P = self.spec.buffers.prefill_rows
         m, inputs = self.prefill_rows
-        for start in range(0, len(token_ids), P):
-            self.packer.fill_prefill(m, index, token_ids[start:start + P], start)
+        for at in range(0, len(token_ids), P):
+            self.packer.fill_prefill(m, index, token_ids[at:at + P], start + at)
             for runner in self.prefill_runners:
                 runner(inputs, sampled=False)  # prefill readouts are not used
 

@@ -10,7 +10,7 @@ import os
 import shutil
 
 from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
-from dexserve.engine.config import DTYPES, EngineConfig
+from dexserve.engine.config import AUTO_BATCH_CAP, AUTO_WIDTH, DTYPES, EngineConfig, FREE_SHARE
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -23,16 +23,31 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                         "if there is one (env DEX_ADAPTERS; default auto)")
     g.add_argument("--explorers", "-K", type=int, default=int(os.environ.get("DEX_EXPLORERS", 4)),
                    help="depth explorers K (2..layers); the layer stack is cut into K even segments")
-    g.add_argument("--width", "-W", type=int, default=int(os.environ.get("DEX_WIDTH", 8)),
-                   help="capacity W: rows each explorer runs per round")
+    g.add_argument("--width", "-W", type=int, default=int(os.environ.get("DEX_WIDTH", 0)),
+                   help=f"capacity W: rows each explorer runs per round (env DEX_WIDTH; default 0 = auto: "
+                        f"{AUTO_WIDTH}, or the batch if larger)")
     if modes:
         g.add_argument("--mode", default="dex", help="dex | ar | select:J (spawn only at boundary J)")
     g.add_argument("--no-decs", dest="decs", action="store_false",
                    help="turn off depth-coupled sampling (each boundary proposes its own top-1)")
     g.add_argument("--policy", choices=("priority", "oldest"), default="priority",
                    help="which nodes run when capacity binds")
-    g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 4)),
-                   help="requests decoded together")
+    g.add_argument("--max-batch", type=int, default=int(os.environ.get("DEX_MAX_BATCH", 0)),
+                   help="requests decoded together (env DEX_MAX_BATCH; default 0 = auto: as many full-context "
+                        f"requests as the KV budget holds, at most {AUTO_BATCH_CAP['cpu']} on CPU and "
+                        f"{AUTO_BATCH_CAP['cuda']} on CUDA)")
+    g.add_argument("--kv-memory", type=float,
+                   default=float(os.environ["DEX_KV_MEMORY"]) if os.environ.get("DEX_KV_MEMORY") else None,
+                   help="GiB for the KV cache, which sizes an auto --max-batch (env DEX_KV_MEMORY; default: "
+                        f"{FREE_SHARE['cuda']:.0%} of the GPU's free memory, {FREE_SHARE['cpu']:.0%} of the host's "
+                        "available memory, less the weights)")
+    g.add_argument("--prefill-chunk", type=int, default=int(os.environ.get("DEX_PREFILL_CHUNK", EngineConfig.prefill_chunk)),
+                   help="prompt positions per prefill step (env DEX_PREFILL_CHUNK)")
+    g.add_argument("--prefill-share", type=float,
+                   default=float(os.environ.get("DEX_PREFILL_SHARE", EngineConfig.prefill_share)),
+                   help="while other requests decode, a new prompt is prefilled in chunks between their rounds, "
+                        "spending at most this many round-times per round (at least one chunk); 0 prefills whole "
+                        "prompts at once, pausing the running streams (env DEX_PREFILL_SHARE; default 1)")
     g.add_argument("--executor", choices=("reference", "distributed"), default=os.environ.get("DEX_EXECUTOR", "reference"),
                    help="reference: all explorers in this process; distributed: one process per explorer")
     g.add_argument("--transport", choices=("auto", "shm", "torch"),
@@ -60,7 +75,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
 def engine_flags(args: argparse.Namespace) -> list[str]:
     """The argv that reproduces these engine flags in a child process (`dex up` -> workers)."""
     flags = ["--explorers", str(args.explorers), "--width", str(args.width), "--policy", args.policy,
-             "--max-batch", str(args.max_batch), "--executor", args.executor, "--transport", args.transport,
+             "--max-batch", str(args.max_batch), *(["--kv-memory", str(args.kv_memory)] if args.kv_memory else []),
+             "--prefill-chunk", str(args.prefill_chunk),
+             "--prefill-share", str(args.prefill_share), "--executor", args.executor, "--transport", args.transport,
              "--device", args.device, "--dtype", args.dtype, *limit_flags(args)]
     if hasattr(args, "mode"):
         flags += ["--mode", args.mode]
@@ -102,4 +119,4 @@ def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineCo
                         executor=args.executor, transport=args.transport, device=args.device,
                         compile=compile_default(args), cuda_graphs=args.cuda_graphs,
                         max_new_tokens=limits.max_new_tokens, threads=args.threads, dtype=args.dtype,
-                        adapters=args.adapters)
+                        adapters=args.adapters, kv_memory_gib=args.kv_memory, prefill_chunk=args.prefill_chunk, prefill_share=args.prefill_share)

@@ -7,6 +7,7 @@ telemetry see only that protocol. The stand-in never imports torch.
 from __future__ import annotations
 
 from dexserve.contract.engine import Engine
+from dexserve.engine.config import AUTO_BATCH_CAP
 from dexserve.worker.settings import WorkerSettings
 
 
@@ -15,7 +16,8 @@ def make_engine(settings: WorkerSettings) -> Engine:
         from dexserve.worker.standin import InstantEngine
 
         cfg = settings.engine_config
-        return InstantEngine.load(settings.model, cfg.limits, max_batch=cfg.max_batch,
+        # no KV to budget: an auto batch is a CPU worker's
+        return InstantEngine.load(settings.model, cfg.limits, max_batch=cfg.max_batch or AUTO_BATCH_CAP["cpu"],
                                   step_delay_s=settings.standin.delay_s, poison=settings.standin.poison,
                                   logprobs=settings.standin.logprobs)
     if settings.engine == "dex":

@@ -172,18 +172,18 @@ class DistributedExecutor:
         self.local.sampling()
         self.transport.wait_all()
 
-    def prefill(self, index: int, token_ids: Sequence[int]) -> None:
-        self._guard(self._prefill, index, token_ids)
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
+        self._guard(self._prefill, index, token_ids, start)
 
-    def _prefill(self, index: int, token_ids: Sequence[int]) -> None:
-        """Up to G chunks per command: the explorers pipeline them (explorer k
-        on chunk c while explorer k+1 is on chunk c-1)."""
+    def _prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
+        """Positions start..start+len-1, up to G chunks per command: the explorers
+        pipeline them (explorer k on chunk c while explorer k+1 is on chunk c-1)."""
         P, G = self.spec.buffers.prefill_rows, self.spec.buffers.prefill_chunks
         for first in range(0, len(token_ids), G * P):
-            starts = range(first, min(len(token_ids), first + G * P), P)
-            for c, start in enumerate(starts):
-                self.packer.fill_prefill(self.views.prefill_rows[c], index, token_ids[start:start + P], start, c)
-            self.views.header[1] = len(starts)
+            ats = range(first, min(len(token_ids), first + G * P), P)
+            for c, at in enumerate(ats):
+                self.packer.fill_prefill(self.views.prefill_rows[c], index, token_ids[at:at + P], start + at, c)
+            self.views.header[1] = len(ats)
             self._send(CMD_PREFILL)
             self.local.prefill()
             self.transport.wait_all()

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,9 +25,14 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def init_group(rank: int, world: int, port: int, device: str, timeout) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout)
+# How long the processes may take to meet: spawning one means importing torch and loading its
+# layers, which on a busy host takes far longer than an explorer may take to answer (`timeout`).
+RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
+
+
+def init_group(rank: int, world: int, port: int, device: str, timeout: timedelta) -> None:
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=max(timeout, RENDEZVOUS_TIMEOUT))
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 @dataclasses.dataclass

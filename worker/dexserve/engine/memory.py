@@ -1,0 +1,83 @@
+"""How many requests an engine holds: the KV budget.
+
+The engine keeps one contiguous KV region per request row (`max_context`
+positions each) plus the lattice's speculative slots, in every layer. With
+`max_batch` left to auto (0), the batch is the number of full-context rows
+the KV budget holds, capped where more rows stop paying on the device (a
+CPU's cores are busy long before; a GPU keeps gaining up to a few dozen).
+The budget is `kv_memory_gib` when given, otherwise a share of the memory
+free on the device once the weights are in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dexserve.engine.config import AUTO_BATCH_CAP, FREE_SHARE
+from dexserve.engine.model import ModelDims
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class KvBudget:
+    budget_bytes: int            # what the KV may take
+    per_request_bytes: int       # one full-context request row, all layers
+    max_batch: int               # requests that fit (before the cap)
+    cap: int
+    source: str                  # "--kv-memory" or how auto measured it
+
+    @property
+    def batch(self) -> int:
+        return min(self.max_batch, self.cap)
+
+    def describe(self) -> str:
+        return (f"KV budget {self.budget_bytes / GIB:.2f} GiB ({self.source}), "
+                f"{self.per_request_bytes / (1 << 20):.1f} MiB per full-context request")
+
+
+def kv_bytes_per_position(dims: ModelDims, dtype: torch.dtype) -> int:
+    """Keys and values of one position in every layer."""
+    return 2 * dims.layers * dims.kv_heads * dims.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def weight_bytes(model_dir: Path, checkpoint_dtype: str | None, dtype: torch.dtype) -> int:
+    """The weights' size in `dtype`, from the checkpoint's safetensors files."""
+    on_disk = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    stored = getattr(torch, checkpoint_dtype) if checkpoint_dtype in ("float32", "bfloat16", "float16") \
+        else torch.float32
+    return on_disk * torch.empty((), dtype=dtype).element_size() // torch.empty((), dtype=stored).element_size()
+
+
+def free_memory(device: str) -> tuple[int, str]:
+    """Bytes free on `device` now, and where that figure comes from."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here")
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"{device} free memory"
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"], "MemAvailable"
+
+
+def kv_budget(dims: ModelDims, dtype: torch.dtype, device: str, max_context: int, weights: int,
+              kv_memory_gib: float | None, slots: int) -> KvBudget:
+    """The batch the KV budget holds at `max_context` positions per request.
+    `slots`: the lattice's speculative rows (also KV rows, whatever the batch)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    per_pos = kv_bytes_per_position(dims, dtype)
+    if kv_memory_gib is not None:
+        if not kv_memory_gib > 0:
+            raise ValueError(f"kv_memory must be a positive number of GiB, got {kv_memory_gib}")
+        budget, source = int(kv_memory_gib * GIB), "--kv-memory"
+    else:
+        free, where = free_memory(device)
+        budget = int(FREE_SHARE[kind] * (free - weights))
+        source = f"auto: {FREE_SHARE[kind]:.0%} of {where} less the weights"
+    per_request = per_pos * max_context
+    fits = max(0, (budget - per_pos * slots) // per_request)
+    return KvBudget(budget, per_request, int(fits), AUTO_BATCH_CAP[kind], source)
