@@ -85,6 +85,24 @@ def test_dry_mode_reports_every_section_for_k_2_4_8(dry):
     assert dist and all(r[m]["equal_to_reference_ar"] for r in dist.values() for m in ("ar", "dex"))
 
 
+def test_dry_mode_checks_a_random_adapter_at_the_deepest_grid(dry):
+    proc, doc = dry
+    assert doc["adapters"]["boundaries"] == list(range(1, 8))       # the shipped model's 8 layers, K=8's grid
+    assert [K for K in KS if "adapters" in doc["by_k"][K]] == ["8"]  # dry: the largest K only
+    ad = doc["by_k"]["8"]["adapters"]
+    assert ad["capture"]["use_graph"] is False
+    eq = ad["equality"]
+    assert eq["dex_graph_vs_eager"] and eq["dex_equal_to_ar"] and eq["ar_equal_to_ar_without_adapters"]
+    assert eq["adapters_change_readouts"] is True
+    names = {c["name"] for c in doc["checks"] if c["passed"]}
+    assert {"K=8 adapters: dex == ar without adapters", "K=8 adapters change the boundary readouts"} <= names
+    tm = ad["timing"]
+    assert tm["ar"]["rpt"] == 8 and 1 <= tm["dex"]["rpt"] <= 8
+    assert len(tm["dex"]["step_us_per_explorer"]) == 8 and all(x > 0 for x in tm["dex"]["step_us_per_explorer"])
+    assert len(tm["isolated_step_us_per_explorer"]["adapter_cost_us_per_explorer"]) == 8
+    assert "| 8 | dex + adapters |" in proc.stdout and "| 8 | adapter cost per step" in proc.stdout
+
+
 def test_the_check_fails_when_a_token_is_wrong(tmp_path):
     out = tmp_path / "bad.json"
     proc = gpu_check(out, "--device", "cpu", "--dry", "--explorers", "2", "--no-hf", "--distributed", "off",
@@ -98,6 +116,18 @@ def test_the_check_fails_when_a_token_is_wrong(tmp_path):
     failed = {c["name"] for c in doc["checks"] if not c["passed"]}
     assert failed == {"K=2 dex == ar", "K=2 dex eager == eager (CPU: no graphs)"}
     assert "FAILED" in proc.stdout
+
+
+def test_the_adapter_case_fails_when_a_token_is_wrong(tmp_path):
+    out = tmp_path / "bad-adapters.json"
+    proc = gpu_check(out, "--device", "cpu", "--dry", "--explorers", "2", "--no-hf", "--distributed", "off",
+                     "--inject-adapter-mismatch")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    failed = {c["name"] for c in doc["checks"] if not c["passed"]}
+    assert failed == {"K=2 adapters: dex == ar without adapters",
+                      "K=2 adapters: dex eager == eager (CPU: no graphs)"}
+    assert doc["by_k"]["2"]["equality"]["modes"]["dex"]["equal_to_ar"] is True   # the plain case still passed
 
 
 def test_cuda_asked_without_a_gpu_is_an_error(tmp_path):
@@ -119,3 +149,9 @@ def test_real_mode_on_the_gpu(tmp_path):
     for r in doc["by_k"].values():
         assert r["capture"]["use_graph"] and r["capture"]["every_step_captured"]
         assert r["equality"]["graph_vs_eager"]["graphs"] is True
+        # the adapter inside the captured steps: replayed == eager == ar, at every K
+        ad = r["adapters"]
+        assert ad["capture"]["use_graph"] and ad["capture"]["every_step_captured"]
+        assert ad["equality"]["dex_graph_vs_eager"] and ad["equality"]["dex_equal_to_ar"]
+        assert ad["equality"]["adapters_change_readouts"]
+        assert "replay_only" in ad["timing"]["isolated_step_us_per_explorer"]
