@@ -264,3 +264,20 @@ def test_bench_reports_agreement_and_rpt_with_and_without_adapters(tiny_dirs, st
     assert "without_adapters" not in doc and doc["config"]["adapters"] is None
     assert set(doc["comparison"]["agreement: depth 1"]) == {"none"}
     assert doc["comparison"]["agreement: depth 1"]["none"] == cmp_["agreement: depth 1"]["none"]
+
+
+def test_bench_finds_adapters_next_to_the_model(tiny_dirs, strong_adapters, tmp_path, capsys):
+    """--adapters auto (the default): dex_adapters.safetensors beside the model gives the two columns."""
+    moved = tmp_path / "llama-with-adapters"
+    shutil.copytree(tiny_dirs["llama"], moved)
+    shutil.copy(strong_adapters, moved / ADAPTER_FILE)
+    shutil.copy(card_path(strong_adapters), card_path(moved / ADAPTER_FILE))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        dex_main(["bench", "--model", str(moved), "-K", "2", "--no-compile", "--threads", "1", "--max-context", "64",
+                  "--prompts", str(prompts), "--max-new-tokens", "8", "--modes", "dex", "--json"])
+    assert exit_.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["adapters"]["path"] == str(moved / ADAPTER_FILE)
+    assert set(doc["comparison"]["RPT: dex"]) == {"none", "adapters"} and "without_adapters" in doc

@@ -94,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
         from dexserve.contract.model_card import ModelCard
 
         out = settings.out or default_out(ModelCard.load(settings.model))
-        print(f"\ndex train-adapter: interrupted; checkpoint {checkpoint_path(out)} kept, "
-              f"continue with the same flags plus --resume", file=sys.stderr)
+        if checkpoint_path(out).is_file():
+            print(f"\ndex train-adapter: interrupted; checkpoint {checkpoint_path(out)} kept, "
+                  f"continue with the same flags plus --resume", file=sys.stderr)
+        else:   # e.g. while --self-generate was still generating: nothing to resume from
+            print("\ndex train-adapter: interrupted before the first checkpoint; run it again", file=sys.stderr)
         return 130
     card = result.card
     if args.json:
