@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from dexserve.engine.measure import ModeResult
 
 
-HELP = "Compare ar, every select:J, dex and the EAD oracle on the same prompts."
+HELP = ("Compare ar, every select:J, dex and the EAD oracle on the same prompts; with boundary adapters, "
+        "every mode without and with them, side by side (per-boundary agreement, RPT, tokens/s, identical to ar).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -55,11 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--minutes, generating takes at most --generate-share of the budget and training the rest")
     g.add_argument("--prompts", default=None,
                    help="with --self-generate: JSONL of {\"prompt\": ...} (or \"text\") to continue instead of --data windows")
-    g.add_argument("--prompt-tokens", type=int, default=D.prompt_tokens, help="tokens of each prompt")
-    g.add_argument("--generate-tokens", type=int, default=D.generate_tokens, help="tokens generated per prompt")
+    g.add_argument("--prompt-tokens", type=int, default=D.prompt_tokens, help="tokens of each prompt (default %(default)s)")
+    g.add_argument("--generate-tokens", type=int, default=D.generate_tokens, help="tokens generated per prompt, EOS ignored (default %(default)s)")
     g.add_argument("--generate-share", type=float, default=D.generate_share,
-                   help="with --minutes: the share of the budget generation may take")
-    g.add_argument("--generate-batch", type=int, default=D.generate_batch, help="prompts continued together")
+                   help="with --minutes: the share of the budget generation may take (default %(default)s)")
+    g.add_argument("--generate-batch", type=int, default=D.generate_batch, help="prompts continued together (default %(default)s)")
     g.add_argument("--temperature", type=float, default=D.temperature,
                    help="0 = greedy continuations; above 0, sampled (seeded by --seed)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
