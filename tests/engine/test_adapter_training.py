@@ -222,3 +222,62 @@ def test_data_is_streamed_in_pieces(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a"}\n\n{"text": "b", "id": 2}\n')
     assert list(iter_documents([str(rows)])) == [("a", True), ("b", True)]
+
+
+@pytest.fixture(scope="module")
+def strong_adapters(tiny_dirs, text_file, tmp_path_factory):
+    """Adapters for the K=2 grid trained hard enough (high rate) to move the boundary's top-1."""
+    out = tmp_path_factory.mktemp("strong") / "llama.safetensors"
+    train(settings(tiny_dirs["llama"], text_file, out, steps=20, explorers=2, lr=5e-2))
+    return out
+
+
+def test_bench_reports_agreement_and_rpt_with_and_without_adapters(tiny_dirs, strong_adapters, tmp_path, capsys):
+    model = str(tiny_dirs["llama"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def f(x):", "import os\n", "class A:")))
+    common = ["bench", "--model", model, "-K", "2", "--no-compile", "--threads", "1", "--max-context", "64",
+              "--prompts", str(prompts), "--max-new-tokens", "16", "--modes", "dex"]
+    with pytest.raises(SystemExit) as exit_:
+        dex_main([*common, "--adapters", str(strong_adapters), "--json"])
+    assert exit_.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    cmp_ = doc["comparison"]
+    assert set(cmp_["agreement: depth 1"]) == set(cmp_["RPT: dex"]) == {"none", "adapters"}
+    # the same agreement the two runs' EAD oracles folded, and the adapters moved it
+    assert cmp_["agreement: depth 1"]["none"] == doc["without_adapters"]["modes"]["ead-oracle"]["agreement_by_boundary"]["1"]
+    assert cmp_["agreement: depth 1"]["adapters"] == doc["modes"]["ead-oracle"]["agreement_by_boundary"]["1"]
+    assert cmp_["agreement: depth 1"]["none"] != cmp_["agreement: depth 1"]["adapters"]
+    assert cmp_["RPT: ar"] == {"none": 2.0, "adapters": 2.0}
+    # lossless in both columns, against ar without adapters (ar with them included)
+    assert cmp_["identical to ar: dex"] == cmp_["identical to ar: ar"] == {"none": True, "adapters": True}
+    assert doc["config"]["adapters"]["path"] == str(strong_adapters) and doc["without_adapters"]["modes"]["dex"]["rpt"]
+    # the table: both columns, a change column, a row per boundary
+    with pytest.raises(SystemExit) as exit_:
+        dex_main([*common, "--adapters", str(strong_adapters)])
+    table = capsys.readouterr().out
+    assert "| | none | adapters | change |" in table and "| agreement: depth 1 |" in table and "| RPT: dex |" in table
+    # --adapters none: one column, no second run
+    with pytest.raises(SystemExit) as exit_:
+        dex_main([*common, "--adapters", "none", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert "without_adapters" not in doc and doc["config"]["adapters"] is None
+    assert set(doc["comparison"]["agreement: depth 1"]) == {"none"}
+    assert doc["comparison"]["agreement: depth 1"]["none"] == cmp_["agreement: depth 1"]["none"]
+
+
+def test_bench_finds_adapters_next_to_the_model(tiny_dirs, strong_adapters, tmp_path, capsys):
+    """--adapters auto (the default): dex_adapters.safetensors beside the model gives the two columns."""
+    moved = tmp_path / "llama-with-adapters"
+    shutil.copytree(tiny_dirs["llama"], moved)
+    shutil.copy(strong_adapters, moved / ADAPTER_FILE)
+    shutil.copy(card_path(strong_adapters), card_path(moved / ADAPTER_FILE))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        dex_main(["bench", "--model", str(moved), "-K", "2", "--no-compile", "--threads", "1", "--max-context", "64",
+                  "--prompts", str(prompts), "--max-new-tokens", "8", "--modes", "dex", "--json"])
+    assert exit_.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["adapters"]["path"] == str(moved / ADAPTER_FILE)
+    assert set(doc["comparison"]["RPT: dex"]) == {"none", "adapters"} and "without_adapters" in doc

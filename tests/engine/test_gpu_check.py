@@ -85,18 +85,40 @@ def test_dry_mode_reports_every_section_for_k_2_4_8(dry):
     assert dist and all(r[m]["equal_to_reference_ar"] for r in dist.values() for m in ("ar", "dex"))
 
 
-def test_the_check_fails_when_a_token_is_wrong(tmp_path):
+def test_dry_mode_checks_a_random_adapter_at_the_deepest_grid(dry):
+    proc, doc = dry
+    assert doc["adapters"]["boundaries"] == list(range(1, 8))       # the shipped model's 8 layers, K=8's grid
+    assert [K for K in KS if "adapters" in doc["by_k"][K]] == ["8"]  # dry: the largest K only
+    ad = doc["by_k"]["8"]["adapters"]
+    assert ad["capture"]["use_graph"] is False
+    eq = ad["equality"]
+    assert eq["dex_graph_vs_eager"] and eq["dex_equal_to_ar"] and eq["ar_equal_to_ar_without_adapters"]
+    assert eq["adapters_change_readouts"] is True
+    names = {c["name"] for c in doc["checks"] if c["passed"]}
+    assert {"K=8 adapters: dex == ar without adapters", "K=8 adapters change the boundary readouts"} <= names
+    tm = ad["timing"]
+    assert tm["ar"]["rpt"] == 8 and 1 <= tm["dex"]["rpt"] <= 8
+    assert len(tm["dex"]["step_us_per_explorer"]) == 8 and all(x > 0 for x in tm["dex"]["step_us_per_explorer"])
+    assert len(tm["isolated_step_us_per_explorer"]["adapter_cost_us_per_explorer"]) == 8
+    assert "| 8 | dex + adapters |" in proc.stdout and "| 8 | adapter cost per step" in proc.stdout
+
+
+@pytest.mark.parametrize("flag,failing,still_equal", [
+    ("--inject-mismatch", {"K=2 dex == ar", "K=2 dex eager == eager (CPU: no graphs)"},
+     lambda doc: doc["by_k"]["2"]["adapters"]["equality"]["dex_equal_to_ar"]),
+    ("--inject-adapter-mismatch", {"K=2 adapters: dex == ar without adapters",
+                                   "K=2 adapters: dex eager == eager (CPU: no graphs)"},
+     lambda doc: doc["by_k"]["2"]["equality"]["modes"]["dex"]["equal_to_ar"]),
+])
+def test_the_check_fails_when_a_token_is_wrong(tmp_path, flag, failing, still_equal):
+    """A flipped dex token, without adapters or with them, fails exactly its two checks and the exit status."""
     out = tmp_path / "bad.json"
-    proc = gpu_check(out, "--device", "cpu", "--dry", "--explorers", "2", "--no-hf", "--distributed", "off",
-                     "--inject-mismatch")
+    proc = gpu_check(out, "--device", "cpu", "--dry", "--explorers", "2", "--no-hf", "--distributed", "off", flag)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["passed"] is False
-    eq = doc["by_k"]["2"]["equality"]
-    assert eq["modes"]["dex"]["equal_to_ar"] is False
-    assert eq["graph_vs_eager"]["dex_tokens_equal"] is False
-    failed = {c["name"] for c in doc["checks"] if not c["passed"]}
-    assert failed == {"K=2 dex == ar", "K=2 dex eager == eager (CPU: no graphs)"}
+    assert {c["name"] for c in doc["checks"] if not c["passed"]} == failing
+    assert still_equal(doc) is True     # the other case still passed
     assert "FAILED" in proc.stdout
 
 
@@ -119,3 +141,9 @@ def test_real_mode_on_the_gpu(tmp_path):
     for r in doc["by_k"].values():
         assert r["capture"]["use_graph"] and r["capture"]["every_step_captured"]
         assert r["equality"]["graph_vs_eager"]["graphs"] is True
+        # the adapter inside the captured steps: replayed == eager == ar, at every K
+        ad = r["adapters"]
+        assert ad["capture"]["use_graph"] and ad["capture"]["every_step_captured"]
+        assert ad["equality"]["dex_graph_vs_eager"] and ad["equality"]["dex_equal_to_ar"]
+        assert ad["equality"]["adapters_change_readouts"]
+        assert "replay_only" in ad["timing"]["isolated_step_us_per_explorer"]

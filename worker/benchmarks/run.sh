@@ -86,11 +86,11 @@ RUNS=${RUNS:-runs}
     --minutes 10 --lr 1e-2 --threads 2 --out "$RUNS/bench/full/dex_adapters.safetensors" --no-progress
 "$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/stdlib-train.jsonl" --explorers 8 \
     --rank 32 --minutes 10 --lr 1e-2 --threads 2 --out "$RUNS/bench/rank32/dex_adapters.safetensors" --no-progress
-# the model's own outputs as adapter data: 3 min of greedy continuations of training-split windows, 7 min training
-"$BIN/python" worker/benchmarks/adapters.py selfgen --model "$RUNS/dexcode-6m-standard" \
-    --corpus "$RUNS/bench/stdlib-train.jsonl" --out "$RUNS/bench/selfgen/selfgen.jsonl" --minutes 3 --threads 2
-"$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/selfgen/selfgen.jsonl" --explorers 8 \
-    --minutes 7 --lr 1e-2 --threads 2 --out "$RUNS/bench/selfgen/dex_adapters.safetensors" --no-progress
+# the model's own outputs as adapter data: up to 3 of the 10 minutes (--generate-share 0.3) of greedy continuations
+# of training-split windows, the rest training on them
+"$BIN/dex" train-adapter --model "$RUNS/dexcode-6m-standard" --data "$RUNS/bench/stdlib-train.jsonl" --explorers 8 \
+    --self-generate 100000 --generate-share 0.3 --minutes 10 --lr 1e-2 --threads 2 \
+    --out "$RUNS/bench/selfgen/dex_adapters.safetensors" --no-progress
 "$BIN/python" worker/benchmarks/adapters.py run --standard "$RUNS/dexcode-6m-standard" \
     --adapters full="$RUNS/bench/full/dex_adapters.safetensors" \
     --adapters rank32="$RUNS/bench/rank32/dex_adapters.safetensors" \

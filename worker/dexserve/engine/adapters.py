@@ -100,6 +100,8 @@ class AdapterCard:
     heldout_agreement_before: dict[str, float] = field(default_factory=dict)   # depth -> shared head alone
     heldout_kl: dict[str, float] = field(default_factory=dict)
     data: list[str] = field(default_factory=list)
+    data_source: str = "text"             # text: the user's files | self-generated: the model's own continuations
+    self_generated: dict = field(default_factory=dict)   # prompts, rows, tokens, seconds, decoding (self-generated)
     settings: dict = field(default_factory=dict)
     format: str = CARD_FORMAT
 

@@ -129,3 +129,25 @@ def matmul_floor(card: ModelCard, repeats: int = 200) -> dict:
         ms = 1e3 * (time.perf_counter() - t0) / repeats
     mb = sum(m.numel() * m.element_size() for m in mats) / 2**20
     return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 2), "weight_mib_per_token": round(mb, 2)}
+
+
+def side_by_side(columns: dict[str, dict[str, dict]]) -> dict[str, dict[str, object]]:
+    """`dex bench`'s comparison of runs of the same prompts with and without
+    boundary adapters: {column: {mode: summary}} (the summaries above, plus the
+    EAD oracle's) -> {row: {column: value}}. Rows: each boundary's free-running
+    agreement with the committed token (from the `ar` run's records, through
+    the EAD oracle), then RPT, tokens/s and the identical-to-ar check per mode."""
+    rows: dict[str, dict[str, object]] = {}
+    for col, modes in columns.items():
+        for d, v in modes.get("ead-oracle", {}).get("agreement_by_boundary", {}).items():
+            rows.setdefault(f"agreement: depth {d}", {})[col] = v
+    for col, modes in columns.items():
+        for mode, r in modes.items():
+            if "rpt" in r:
+                rows.setdefault(f"RPT: {mode}", {})[col] = r["rpt"]
+    for key, label in (("tokens_per_s", "tokens/s"), ("identical_to_ar", "identical to ar")):
+        for col, modes in columns.items():
+            for mode, r in modes.items():
+                if r.get(key) is not None and mode != "ead-oracle":
+                    rows.setdefault(f"{label}: {mode}", {})[col] = r[key]
+    return rows

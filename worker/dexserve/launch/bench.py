@@ -1,15 +1,27 @@
 """`dex bench`: ar, every select:J, dex (DECS on and off) and the EAD oracle on
-the same prompts; a table, or with --json one object keyed by mode."""
+the same prompts; a table, or with --json one object keyed by mode.
+
+With boundary adapters (`--adapters PATH`, or `auto` finding them next to the
+model) every mode runs twice, without and with them, and the report sets the
+two side by side: each boundary's free-running agreement with the committed
+token, RPT, tokens/s and the identical-to-ar check (both against `ar` without
+adapters). `--adapters none` reports the one column."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dexserve.launch.engine_options import add_engine_arguments, engine_config
 
+if TYPE_CHECKING:
+    from dexserve.engine.measure import ModeResult
 
-HELP = "Compare ar, every select:J, dex and the EAD oracle on the same prompts."
+
+HELP = ("Compare ar, every select:J, dex and the EAD oracle on the same prompts; with boundary adapters, "
+        "every mode without and with them, side by side (per-boundary agreement, RPT, tokens/s, identical to ar).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,10 +40,76 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
 
 
-def run(args: argparse.Namespace) -> int:
-    from dexserve.engine.measure import hf_baseline, matmul_floor, run_mode
-    from dexserve.launch.report import emit, prompts_from_args
+@dataclass
+class Variant:
+    """One pass over every mode with one adapters setting."""
+
+    adapters: dict | None                 # AdapterInfo.as_dict() of the engine, None: no adapters
+    runs: dict[str, "ModeResult"] = field(default_factory=dict)
+    extra: dict[str, dict] = field(default_factory=dict)   # ead-oracle, dex-profile
+    ar_widths: list[int] = field(default_factory=list)
+    compile: bool = False
+
+    def summaries(self, reference: list[list[int]]) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for mode, r in self.runs.items():
+            out[mode] = r.summary(reference)
+            if mode == "ar":
+                out.update({k: v for k, v in self.extra.items() if k == "ead-oracle"})
+        out.update({k: v for k, v in self.extra.items() if k != "ead-oracle"})
+        return out
+
+
+def measure(args: argparse.Namespace, prompts: list[str], modes: list[str], adapters: str) -> Variant:
+    """Every mode on the prompts with one adapters setting (`auto`, `none` or a path)."""
     from dexserve.engine.engine import DexEngine
+    from dexserve.engine.measure import run_mode
+
+    def load(mode: str) -> DexEngine:
+        # ar is measured as users run it: its steps are one row wide (EngineConfig.widths);
+        # the spawning modes share one engine at the configured width
+        cfg = engine_config(args, mode=mode)
+        cfg.max_batch = 1
+        cfg.adapters = adapters
+        eng = DexEngine.load(args.model, cfg)
+        run_mode(eng, mode, True, prompts[:1], 4)  # warm-up (compilation, allocator) outside the measurement
+        return eng
+
+    engine = load("ar")
+    v = Variant(adapters=engine.adapters.as_dict() if engine.adapters else None,
+                ar_widths=list(engine.executor.spec.widths), compile=engine.config.compile)
+    try:
+        for mode in modes:
+            if mode != "ar" and engine.config.mode == "ar":
+                engine.close()
+                engine = load("dex")
+            decs = mode != "dex-nodecs"
+            profiler = None
+            if args.profile and mode == "dex":
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
+                         with_oracle=(mode == "ar"))
+            if profiler is not None:
+                profiler.disable()
+                v.extra["dex-profile"] = round_profile(profiler, r.stats.rounds)
+            v.runs[mode] = r
+            if r.oracle is not None:
+                v.extra["ead-oracle"] = {"rpt": r.oracle.rpt, "accept_hist": r.oracle.accept_hist,
+                                         "agreement_by_boundary": r.oracle.agreement,
+                                         "tokens": r.oracle.commits, "identical_to_ar": True}
+            label = "adapters" if v.adapters else "none"
+            print(f"[bench] adapters={label} {mode}: rpt={r.stats.rpt} tokens={r.tokens}", file=sys.stderr)
+    finally:
+        engine.close()
+    return v
+
+
+def run(args: argparse.Namespace) -> int:
+    from dexserve.engine.measure import hf_baseline, matmul_floor, side_by_side
+    from dexserve.launch.report import emit, prompts_from_args
 
     from dexserve.contract.model_card import ModelLoadError
 
@@ -41,47 +119,19 @@ def run(args: argparse.Namespace) -> int:
     if args.modes:
         modes = ["ar"] + [m for m in args.modes.split(",") if m != "ar"]
 
-    def load(mode: str) -> DexEngine:
-        # ar is measured as users run it: its steps are one row wide (EngineConfig.widths);
-        # the spawning modes share one engine at the configured width
-        cfg = engine_config(args, mode=mode)
-        cfg.max_batch = 1
-        eng = DexEngine.load(args.model, cfg)
-        run_mode(eng, mode, True, prompts[:1], 4)  # warm-up (compilation, allocator) outside the measurement
-        return eng
-
+    # as configured (--adapters auto|PATH|none); when that finds adapters, the same modes again without
+    # them: one run reports both, side by side, against the same `ar` reference (ar without adapters)
     try:
-        engine = load("ar")
+        configured = measure(args, prompts, modes, args.adapters)
+        plain = measure(args, prompts, modes, "none") if configured.adapters else configured
     except (ModelLoadError, ValueError) as exc:
         print(f"dex bench: error: {exc}", file=sys.stderr)
         return 2
-    ar_widths = list(engine.executor.spec.widths)
-    results: dict[str, dict] = {}
-    reference = None
-    for mode in modes:
-        if mode != "ar" and engine.config.mode == "ar":
-            engine.close()
-            engine = load("dex")
-        decs = mode != "dex-nodecs"
-        profiler = None
-        if args.profile and mode == "dex":
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
-                     with_oracle=(mode == "ar"))
-        if profiler is not None:
-            profiler.disable()
-            results["dex-profile"] = round_profile(profiler, r.stats.rounds)
-        if mode == "ar":
-            reference = r.outputs
-        results[mode] = r.summary(reference)
-        if r.oracle is not None:
-            results["ead-oracle"] = {"rpt": r.oracle.rpt, "accept_hist": r.oracle.accept_hist,
-                                     "agreement_by_boundary": r.oracle.agreement,
-                                     "tokens": r.oracle.commits, "identical_to_ar": True}
-        print(f"[bench] {mode}: rpt={results[mode]['rpt']} tok/s={results[mode]['tokens_per_s']}", file=sys.stderr)
+    reference = plain.runs["ar"].outputs
+    results = configured.summaries(reference)
+    columns = {"none": plain.summaries(reference)}
+    if configured.adapters:
+        columns["adapters"] = results
     if args.hf:
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens)
         results["hf-generate"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
@@ -91,12 +141,15 @@ def run(args: argparse.Namespace) -> int:
     for e in (args.hf_layerskip.split(",") if args.hf_layerskip else []):
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens, assistant_early_exit=int(e))
         results[f"hf-layerskip:{e}"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
-    meta = {"model": card.name, "explorers": K, "width": args.width, "ar_widths": ar_widths, "prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "threads": args.threads, "executor": args.executor,
-            "compile": engine.config.compile,
-            "adapters": engine.adapters.as_dict() if engine.adapters else None}
-    engine.close()
-    emit({"config": meta, "modes": results}, args.out, args.json, format_table)
+    meta = {"model": card.name, "explorers": K, "width": args.width, "ar_widths": configured.ar_widths,
+            "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+            "executor": args.executor, "compile": configured.compile, "adapters": configured.adapters}
+    doc = {"config": meta, "modes": results}
+    if configured.adapters:
+        doc["without_adapters"] = {"modes": columns["none"]}
+    doc["comparison"] = side_by_side({c: {m: r for m, r in modes_.items() if m in (*modes, "ead-oracle")}
+                                      for c, modes_ in columns.items()})
+    emit(doc, args.out, args.json, format_table)
     return 0
 
 
@@ -124,6 +177,22 @@ def format_table(doc: dict) -> str:
             v = r.get(c)
             cells.append(" ".join(f"{k}:{n}" for k, n in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    comparison = doc.get("comparison")
+    if comparison:
+        cols = ["none", "adapters"] if "without_adapters" in doc else ["none"]
+        both = len(cols) == 2
+        title = (f"without and with adapters {adapters['path']}" if both else "no adapters") + \
+            " (agreement: each boundary's top-1 equal to the committed token, free-running in ar):"
+        lines += ["", title,
+                  "| | " + " | ".join(cols) + (" | change |" if both else " |"),
+                  "|---|" + "---|" * (len(cols) + both)]
+        for row, values in comparison.items():
+            cells = ["" if values.get(c) is None else str(values[c]) for c in cols]
+            if both:
+                a, b = values.get("none"), values.get("adapters")
+                numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+                cells.append(f"{100 * (b - a) / a:+.1f}%" if numeric and a else "")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if "dex-profile" in doc["modes"]:
         lines.append("\nwhere a dex round's time goes (ms per round, own time):")
         lines.extend(f"  {ms:8.4f}  {name}" for name, ms in doc["modes"]["dex-profile"].items())

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -67,6 +67,23 @@ def training_depths(layers: int, explorers: int | None, extra: Sequence[int]) ->
 
 # ---- data -------------------------------------------------------------------
 
+def jsonl_texts(path: Path, fields: Sequence[str], flag: str) -> Iterator[str]:
+    """The first of `fields` that is a string, per non-blank line of a JSONL file (errors name `flag` and the line)."""
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AdapterTrainingError(f"{flag}: {path}:{i}: not JSON ({exc})") from exc
+            text = next((row[f] for f in fields if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+            if text is None:
+                raise AdapterTrainingError(f"{flag}: {path}:{i}: no string field "
+                                           + " (or ".join(f"'{f}'" for f in fields) + ")" * (len(fields) - 1))
+            yield text
+
+
 def iter_documents(files: Sequence[str]) -> Iterator[tuple[str, bool]]:
     """(text piece, ends a document) over the files, lazily: a .jsonl file is one
     document per line (its `text` field), any other file is one document read in
@@ -74,18 +91,7 @@ def iter_documents(files: Sequence[str]) -> Iterator[tuple[str, bool]]:
     for name in files:
         path = Path(name)
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for i, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise AdapterTrainingError(f"--data: {path}:{i}: not JSON ({exc})") from exc
-                    text = row.get("text") if isinstance(row, dict) else None
-                    if not isinstance(text, str):
-                        raise AdapterTrainingError(f"--data: {path}:{i}: no string field 'text'")
-                    yield text, True
+            yield from ((text, True) for text in jsonl_texts(path, ("text",), "--data"))
         else:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 piece: list[str] = []
@@ -265,8 +271,9 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_suffix(".ckpt")
 
 
-def learning_rate(s: AdapterTrainingSettings, step: int, elapsed: float) -> float:
-    progress = step / s.steps if s.steps else elapsed / (s.minutes * 60.0)
+def learning_rate(s: AdapterTrainingSettings, step: int, elapsed: float, budget: float | None = None) -> float:
+    """Warm-up, then cosine decay over the steps or over `budget` seconds of training (default: --minutes)."""
+    progress = step / s.steps if s.steps else elapsed / (budget if budget is not None else s.minutes * 60.0)
     warm = min(1.0, (step + 1) / max(1, s.warmup))
     return s.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -294,12 +301,25 @@ def train(s: AdapterTrainingSettings, on_step: Callable[[int], None] | None = No
     distiller = Distiller(card.path, depths, s.rank, s.seed)
     params = list(distiller.adapters.parameters())
     opt = torch.optim.Adam(params, lr=s.lr, betas=(0.9, 0.99))
-    stream = Stream(s, tokenizer, eos)
     key = s.resume_key() | {"base_model_hash": base_hash, "boundaries": list(depths)}
+    selfgen = None
+    data = s
+    if s.self_generate is not None:   # the model's own continuations become the data (training/selfgen.py)
+        from dexserve.training import selfgen as sg
+
+        selfgen = sg.reuse(out, s) if s.resume else None
+        if selfgen is None:
+            selfgen = sg.generate(distiller.model, tokenizer, s, out, eos,
+                                  s.minutes * 60 * s.generate_share if s.minutes else None)
+        data = replace(s, data=(selfgen.file,))
+    # the wall-clock budget left for training: --minutes less the time generation took
+    budget = s.minutes * 60 - (selfgen.seconds if selfgen else 0.0) if s.minutes else None
+    stream = Stream(data, tokenizer, eos)
     step, elapsed_before, log = 0, 0.0, []
     heldout = stream.heldout()
     if not heldout:
-        raise AdapterTrainingError(f"--data: too little text for one sequence of --seq {s.seq} tokens")
+        raise AdapterTrainingError(f"--data: too little text for one sequence of --seq {s.seq} tokens"
+                                   + (f" (self-generated: {selfgen.rows} rows in {selfgen.file})" if selfgen else ""))
     if s.resume:
         if not ckpt_file.is_file():
             raise AdapterTrainingError(f"--resume: no checkpoint at {ckpt_file}")
@@ -339,9 +359,9 @@ def train(s: AdapterTrainingSettings, on_step: Callable[[int], None] | None = No
     try:
         while True:
             elapsed = elapsed_before + time.monotonic() - t0
-            if (s.steps is not None and step >= s.steps) or (s.minutes is not None and elapsed >= s.minutes * 60):
+            if (s.steps is not None and step >= s.steps) or (budget is not None and elapsed >= budget):
                 break
-            lr = learning_rate(s, step, elapsed)
+            lr = learning_rate(s, step, elapsed, budget)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss, agree = distiller.losses(next(batches))
@@ -373,7 +393,9 @@ def train(s: AdapterTrainingSettings, on_step: Callable[[int], None] | None = No
                        data_tokens=step * s.batch * s.seq, steps=step, training_seconds=round(elapsed, 1),
                        heldout_tokens=after["tokens"], heldout_agreement=after["agreement"],
                        heldout_agreement_before=before["agreement"], heldout_kl=after["kl"],
-                       data=[str(Path(f)) for f in s.data],
+                       data=[str(Path(f)) for f in data.data],
+                       data_source="self-generated" if selfgen else "text",
+                       self_generated=asdict(selfgen) if selfgen else {},
                        settings={k: v for k, v in asdict(s).items() if k not in ("model", "data", "out", "progress")})
     meta.write(card_path(out))
     resolve_adapters(card, str(out), depths)   # what the engine will check: it loads

@@ -35,13 +35,23 @@ class AdapterTrainingSettings:
     heldout_sequences: int = 32
     shuffle_buffer: int = 256
     progress: bool = True
+    # self-generated data: the base model's own continuations of prompts (from `prompts`, else from `data`)
+    self_generate: int | None = None      # at most this many continuations; None: train on `data` itself
+    prompts: str | None = None            # JSONL of {"prompt": ...} (or "text"); default: windows of `data`
+    prompt_tokens: int = 32               # a prompt's length (its last tokens; a window of `data`)
+    generate_tokens: int = 224            # tokens generated per prompt (EOS ignored)
+    generate_share: float = 0.3           # with `minutes`: the share of the budget generation may take
+    generate_batch: int = 32              # prompts continued together
+    temperature: float = 0.0              # 0: greedy; else sampled (seeded by `seed`)
 
     def check(self) -> None:
-        if not self.data:
-            raise AdapterTrainingError("--data: give at least one text or .jsonl file")
+        if not self.data and not (self.self_generate is not None and self.prompts):
+            raise AdapterTrainingError("--data: give at least one text or .jsonl file "
+                                       "(or --self-generate N with --prompts FILE)")
         for f in self.data:
             if not Path(f).is_file():
                 raise AdapterTrainingError(f"--data: {f} is not a file")
+        self.check_self_generate()
         if (self.steps is None) == (self.minutes is None):
             raise AdapterTrainingError("give exactly one of --steps N or --minutes N")
         if self.steps is not None and self.steps < 1:
@@ -56,8 +66,34 @@ class AdapterTrainingSettings:
             if getattr(self, name) < 1:
                 raise AdapterTrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
+    def check_self_generate(self) -> None:
+        if self.self_generate is None:
+            if self.prompts:
+                raise AdapterTrainingError("--prompts: only with --self-generate N (prompts the model continues)")
+            return
+        if self.self_generate < 1:
+            raise AdapterTrainingError(f"--self-generate must be >= 1 (continuations), got {self.self_generate}")
+        if self.prompts and not Path(self.prompts).is_file():
+            raise AdapterTrainingError(f"--prompts: {self.prompts} is not a file")
+        for name in ("prompt_tokens", "generate_tokens", "generate_batch"):
+            if getattr(self, name) < 1:
+                raise AdapterTrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.generate_share < 1:
+            raise AdapterTrainingError(f"--generate-share must be in (0, 1), got {self.generate_share}")
+        if self.temperature < 0:
+            raise AdapterTrainingError(f"--temperature must be >= 0, got {self.temperature}")
+
+    def self_generate_key(self) -> dict:
+        """What self-generated data depends on (a resumed run reuses the file only if these agree)."""
+        if self.self_generate is None:
+            return {}
+        return {"self_generate": self.self_generate, "prompts": self.prompts, "prompt_tokens": self.prompt_tokens,
+                "generate_tokens": self.generate_tokens, "generate_share": self.generate_share,
+                "generate_batch": self.generate_batch, "temperature": self.temperature}
+
     def resume_key(self) -> dict:
         """What a checkpoint must agree on to be continued."""
         return {"data": list(self.data), "rank": self.rank, "batch": self.batch, "seq": self.seq, "lr": self.lr,
                 "warmup": self.warmup, "seed": self.seed, "heldout_every": self.heldout_every,
-                "shuffle_buffer": self.shuffle_buffer, "steps": self.steps, "minutes": self.minutes}
+                "shuffle_buffer": self.shuffle_buffer, "steps": self.steps, "minutes": self.minutes,
+                **self.self_generate_key()}
