@@ -9,7 +9,8 @@ building (`Span.is_recording()`), so an untraced worker pays nothing per round.
 
 Span tree of one request (one trace id across processes):
 
-    gateway  SERVER   dexserve.v1.DexService/Generate   dex.request_id, gen_ai.request.*
+    gateway  SERVER   dexserve.v1.DexService/Generate   dex.request_id, gen_ai.request.*   (gRPC door)
+             or       POST /v1/completions              the same, plus http.* / url.* (HTTP door)
     gateway  PRODUCER send dex:requests                 context injected into QueuedRequest.trace_context
     worker   CONSUMER process dex:requests              parent: the extracted context (single message)
     worker   INTERNAL decode                            events dex.commit / dex.collapse, gen_ai.usage.*
@@ -63,6 +64,20 @@ GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
 TEXT_COMPLETION = "text_completion"
+CHAT = "chat"
+
+# HTTP server spans (the stable HTTP semantic conventions)
+HTTP_REQUEST_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
+URL_PATH = "url.path"
+URL_SCHEME = "url.scheme"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+CLIENT_ADDRESS = "client.address"
+NETWORK_PROTOCOL_VERSION = "network.protocol.version"
+USER_AGENT_ORIGINAL = "user_agent.original"
+ERROR_TYPE = "error.type"
 
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_DESTINATION = "messaging.destination.name"
@@ -71,6 +86,8 @@ MESSAGING_MESSAGE_ID = "messaging.message.id"
 MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
 
 REQUEST_ID = "dex.request_id"
+DOOR = "dex.door"                             # grpc | http: which door of the gateway the call came through
+DEX_STATUS = "dex.status"                     # how an HTTP call ended, as a gRPC status name (the one vocabulary)
 RPT = "dex.rpt"
 EXPLORERS = "dex.explorers"
 MODE = "dex.mode"
