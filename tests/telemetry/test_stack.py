@@ -102,6 +102,9 @@ def test_one_trace_end_to_end_with_one_commit_event_per_token(stack):
     assert da["gen_ai.usage.output_tokens"] == MAX_NEW and da["gen_ai.usage.input_tokens"] > 0
     assert da["gen_ai.response.finish_reasons"] == ("length",)
     assert da["dex.explorers"] == 2 and da["dex.mode"] == "dex" and da["dex.rpt"] >= 1.0
+    # the final chunk's usage says the same: rounds counted by the worker loop, RPT as the decode span's
+    dex = chunks[-1].usage.dex
+    assert (dex.explorers, dex.mode) == (2, "dex") and dex.rounds / MAX_NEW == da["dex.rpt"]
 
 
 def test_metrics_serve_the_listed_series_and_move(stack):
@@ -196,6 +199,10 @@ def test_an_http_request_is_one_trace_with_the_worker_and_moves_the_door_metrics
     assert a["gen_ai.request.max_tokens"] == MAX_NEW and a["gen_ai.usage.output_tokens"] == MAX_NEW
     assert a["gen_ai.response.finish_reasons"] == ("length",)
     assert "dex.first_token" in [name for name, _ in server.events]
+    # usage.dex: an extra key the official client keeps; the RPT is the decode span's
+    dex = out.usage.model_extra["dex"]
+    assert (dex["explorers"], dex["mode"]) == (2, "dex") and dex["rpt"] == decode.attributes["dex.rpt"]
+    assert dex["rounds"] == dex["rpt"] * MAX_NEW and MAX_NEW <= dex["rounds"] <= 2 * MAX_NEW   # K=2: ar would be 2
 
     deadline = time.monotonic() + 10     # a call is counted when its handler returns, just after its last byte
     while True:
