@@ -12,6 +12,7 @@ from dexserve.commands.options import add_queue_arguments, add_telemetry_argumen
 from dexserve.launch.engine_options import add_engine_arguments as add_dex_engine_arguments
 from dexserve.launch.engine_options import engine_config
 from dexserve.launch.engine_options import engine_flags as dex_engine_flags
+from dexserve.kube.pod_guard import PodRef
 from dexserve.telemetry.endpoint import WORKER_METRICS_PORT
 from dexserve.telemetry.tracing import WORKER_SERVICE
 from dexserve.worker.settings import StandinOptions, WorkerSettings
@@ -60,7 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
                           standin=StandinOptions(args.standin_delay, args.standin_poison, args.standin_logprobs),
                           redis_url=args.redis_url,
                           names=names, queue=queue, grace_s=args.grace, log_level=args.log_level,
-                          telemetry=telemetry_from_args(args), **extra)
+                          telemetry=telemetry_from_args(args), pod=PodRef.from_env(os.environ), **extra)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +89,7 @@ def run_worker(settings: WorkerSettings) -> int:
     except TRANSIENT as exc:                             # Redis down at start: the loop reconnects
         log.warning("redis unavailable at start (%s); the heartbeat publishes the card once it is back", exc)
     worker = Worker(engine, queue,
-                    observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
+                    observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(settings.pod),
                     grace_s=settings.grace_s)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())

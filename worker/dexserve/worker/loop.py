@@ -34,15 +34,17 @@ class _NoGuard:
     def mark_idle(self) -> None: ...
 
 
-def default_pod_guard():
-    """PodGuard (dexserve.kube.pod_guard) protects a busy pod from scale-down;
-    outside Kubernetes, or before that module exists, a no-op."""
+def default_pod_guard(pod=None):
+    """PodGuard (dexserve.kube.pod_guard) protects a busy pod (`pod`: the settings' `PodRef`)
+    from scale-down; outside Kubernetes, or before that module exists, a no-op."""
+    if pod is None:
+        return _NoGuard()
     try:
         from dexserve.kube.pod_guard import PodGuard
     except ImportError:
         return _NoGuard()
     try:
-        return PodGuard.from_env()
+        return PodGuard.for_pod(pod)
     except Exception:  # a guard that cannot start must not stop the worker
         log.exception("PodGuard unavailable; continuing without it")
         return _NoGuard()
