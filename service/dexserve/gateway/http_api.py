@@ -242,7 +242,7 @@ class OpenAIApp:
                 except Rejected as exc:
                     self._report(exc.code)       # after the 200: only this event (and telemetry) tells
                     yield _sse(_rejected(exc, opts)[1])
-                except BaseException:            # the client left mid-stream (closed or cancelled)
+                except (GeneratorExit, asyncio.CancelledError):   # the client left mid-stream
                     self._report(grpc.StatusCode.CANCELLED)
                     raise
                 yield _sse("[DONE]")

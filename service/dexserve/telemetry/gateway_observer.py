@@ -246,11 +246,15 @@ class GatewayTelemetry(GatewayObserver, grpc.aio.ServerInterceptor):
                 span.set_attribute(t.DEX_STATUS, code)
                 if status is not None:
                     span.set_attribute(t.HTTP_RESPONSE_STATUS_CODE, status)
-                # an error by HTTP's rule (5xx; none sent: the exception), or one the stream ended with after its 200
-                http_status = status if status is not None and status != 200 else _http_status_of(code)
-                if http_status >= 500 or (status is None and error_type is not None):
-                    span.set_attribute(t.ERROR_TYPE, str(status) if status and status >= 500
-                                       else error_type or code)
+                # An error by HTTP's rule for servers (5xx; error.type the status code), or by the status an
+                # HTTP answer would have had: a stream that ended in an error event after its 200, or a crash
+                # before any answer (error.type the gRPC status name / the exception). A client that left is not.
+                if status is not None and status != 200:
+                    error, kind = status >= 500, str(status)
+                else:
+                    error, kind = _http_status_of(code) >= 500, error_type or code
+                if error and code != grpc.StatusCode.CANCELLED.name:
+                    span.set_attribute(t.ERROR_TYPE, kind)
                     span.set_status(Status(StatusCode.ERROR, code))
             span.end()
             try:
