@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from dexserve.queue.codec import finish_reason_name
+from dexserve.queue.codec import dex_usage_json, finish_reason_name
 from dexserve.queue.protocol import CLIENT_BACKOFF_S, CLIENT_RETRIES, FINAL_METADATA
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.v1 import dex_pb2_grpc
@@ -145,9 +145,11 @@ def run_generate_cli(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"text": "".join(texts), "token_ids": ids, "finish_reason": reason,
-                          "usage": {"prompt_tokens": usage.prompt_tokens if usage else 0,
-                                    "completion_tokens": usage.completion_tokens if usage else 0}}))
+        usage_out = {"prompt_tokens": usage.prompt_tokens if usage else 0,
+                     "completion_tokens": usage.completion_tokens if usage else 0}
+        if usage is not None and (dex := dex_usage_json(usage)) is not None:
+            usage_out["dex"] = dex
+        print(json.dumps({"text": "".join(texts), "token_ids": ids, "finish_reason": reason, "usage": usage_out}))
     else:
         sys.stdout.write("\n")
     return 0

@@ -302,7 +302,7 @@ def test_the_stream_limit_counts_both_doors_and_an_http_disconnect_cancels_at_on
 
 
 def test_a_restart_that_diverges_ends_an_http_stream_with_an_error_event(observed_gateway, rclient, names):
-    gw, _exporter, registry = observed_gateway
+    gw, exporter, registry = observed_gateway
     conn = _http(gw)
     _send(conn, {"prompt": "x", "max_tokens": 5, "stream": True})
     _wait_enqueued(rclient, names)
@@ -319,6 +319,16 @@ def test_a_restart_that_diverges_ends_an_http_stream_with_an_error_event(observe
     text = "".join(e["choices"][0]["text"] for e in events[:-2])
     assert text == "<10><11><12>", "tokens of the diverging attempt reached the client"
     assert registry.get_sample_value("dex_gateway_divergences_total") == 1
+    # the 200 does not hide it: the server span and the error count say ABORTED
+    deadline = time.monotonic() + 10
+    while not (spans := [sp for sp in exporter.get_finished_spans() if sp.name == "POST /v1/completions"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a = spans[0].attributes
+    assert (a["http.response.status_code"], a["dex.status"], a["error.type"]) == (200, "ABORTED", "ABORTED")
+    assert spans[0].status.status_code.name == "ERROR"
+    assert DIVERGENCE_EVENT in [e.name for e in spans[0].events]
+    assert registry.get_sample_value("dex_gateway_errors_total", {"door": "http", "code": "ABORTED"}) == 1
 
 
 def test_drain_ends_open_http_streams_and_refuses_new_ones(make_gateway, rclient, names):

@@ -97,6 +97,8 @@ def test_completion_equals_the_engine_output(oai, chat_model):
     assert out.choices[0].logprobs is None
     assert (out.usage.completion_tokens, out.usage.total_tokens) == (12, out.usage.prompt_tokens + 12)
     assert out.usage.prompt_tokens == ModelCard.load(chat_model).prompt_tokenizer().count("def add(a, b):")
+    # the DEX extension rides as an extra key the official client keeps (the stand-in: one token per round)
+    assert out.usage.model_extra["dex"] == {"explorers": 0, "rounds": 12, "rpt": 1.0, "mode": "standin"}
 
 
 def test_streamed_completion_with_usage(oai, chat_model):
@@ -107,6 +109,7 @@ def test_streamed_completion_with_usage(oai, chat_model):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.model_extra["dex"] == {"explorers": 0, "rounds": 10, "rpt": 1.0, "mode": "standin"}
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
 
@@ -231,6 +234,9 @@ def test_grpc_messages_and_logprobs(service, chat_model):
         [(engine.logprobs_at(req, i)[0], list(engine.logprobs_at(req, i)[1])) for i in range(5)]
     plain = complete(gw.address, "def h():", max_new_tokens=5, timeout=30)
     assert list(plain.token_ids) == list(resp.token_ids) and len(plain.logprobs) == 0
+    assert (plain.usage.dex.explorers, plain.usage.dex.rounds, plain.usage.dex.mode) == (0, 5, "standin")
+    final = list(stream_generate(gw.address, "def h():", max_new_tokens=5, timeout=30))[-1]
+    assert final.finish_reason and final.usage.dex.rounds == 5 and final.usage.completion_tokens == 5
     channel, dex = stub(gw.address)
     with channel:
         assert dex.ListModels(pb.ListModelsRequest(), timeout=5).models[0].chat is True

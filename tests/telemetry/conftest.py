@@ -63,6 +63,7 @@ class Stack:
     receiver: OtlpReceiver
     names: QueueNames
     address: str = ""
+    http_url: str = ""                   # the OpenAI-compatible door
     gateway_metrics: str = ""
     worker_metrics: str = ""
     healthz_seen: list[int] = field(default_factory=list)
@@ -114,8 +115,10 @@ def stack(redis_server, tiny_llama, tmp_path_factory):  # noqa: F811 (fixture fr
                 raise RuntimeError(f"worker never became ready:\n{st.log_tail()}")
             time.sleep(0.02)
         gw_log = logs / "gateway.log"
+        http_port = free_port()
+        st.http_url = f"http://127.0.0.1:{http_port}"
         _spawn(st, gw_log, [sys.executable, "-m", "dexserve.cli", "gateway", "--host", "127.0.0.1", "--port", "0",
-                            "--model", str(tiny_llama), "--max-context", "256", "--max-new-tokens-limit", "64",
+                            "--http-port", str(http_port), "--model", str(tiny_llama), "--max-context", "256", "--max-new-tokens-limit", "64",
                             *qflags], {**base, "DEX_METRICS_PORT": str(gport)})
         while not st.address:
             m = re.search(r"listening on (\S+:\d+)", gw_log.read_text(errors="replace"))

@@ -1,5 +1,6 @@
 """Spans exported over OTLP/gRPC to a local receiver arrive intact, W3C
-context survives the queued message's encoding, and exporting follows OTEL_*."""
+context survives the queued message's encoding, and exporting follows the
+telemetry flags, whose defaults are the standard OTEL_* variables."""
 
 from __future__ import annotations
 
@@ -7,14 +8,30 @@ from opentelemetry import trace
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.trace import SpanKind
 
+import argparse
+
+import pytest
+
+from dexserve.commands.options import add_telemetry_arguments, telemetry_from_args
 from dexserve.contract.records import CollapseRecord, CommitRecord, RoundRecord
 from dexserve.telemetry import tracing
+from dexserve.telemetry.settings import TracingSettings
 from dexserve.v1 import dex_pb2 as pb
 
 
-def provider_for(receiver, **env):
-    return tracing.setup_tracing(tracing.WORKER_SERVICE, set_global=False,
-                                 env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **env})
+def provider_for(receiver, service: str = tracing.WORKER_SERVICE):
+    return tracing.setup_tracing(TracingSettings(service, endpoint=receiver.endpoint), set_global=False)
+
+
+def settings_from(argv: list[str], env: dict[str, str], monkeypatch):
+    """What `dex worker` builds from these flags and this environment (the CLI edge)."""
+    for key in [k for k in __import__("os").environ if k.startswith(("OTEL_", "DEX_METRICS"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    add_telemetry_arguments(parser, tracing.WORKER_SERVICE, 9465)
+    return telemetry_from_args(parser.parse_args(argv), env)
 
 
 def test_export_arrives_intact(receiver):
@@ -77,19 +94,42 @@ def test_w3c_context_survives_the_queued_message(receiver):
     tracing.shutdown_tracing(provider)
 
 
-def test_exporting_follows_otel_environment():
-    assert not tracing.exporting_enabled({})
-    assert tracing.exporting_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
-    assert tracing.exporting_enabled({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"})
-    assert not tracing.exporting_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"})
-    assert not tracing.exporting_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
-                                          "OTEL_TRACES_EXPORTER": "none"})
-    assert tracing.setup_tracing("x", env={}, set_global=False) is None
+def test_exporting_follows_flags_whose_defaults_are_the_otel_environment(monkeypatch):
+    def endpoint(env, argv=()):
+        return settings_from(list(argv), env, monkeypatch).tracing.endpoint
+
+    assert endpoint({}) is None
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == "http://c:4317"
+    assert endpoint({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4317",
+                     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == "http://t:4317"
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}) is None
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}) is None
+    # over http/protobuf the base endpoint gets the traces path, as the OpenTelemetry spec says
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) \
+        == "http://c:4318/v1/traces"
+    # flags win over the environment
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, ["--otlp-endpoint", "off"]) is None
+    assert endpoint({}, ["--otlp-endpoint", "http://f:4317"]) == "http://f:4317"
+    assert tracing.setup_tracing(TracingSettings("x"), set_global=False) is None
     assert isinstance(tracing.get_tracer(None), trace.NoOpTracer)
 
 
-def test_service_name_defaults_per_process_and_env_wins(receiver):
-    for env, want in (({}, "dexserve-worker"), ({"OTEL_SERVICE_NAME": "custom"}, "custom")):
-        p = provider_for(receiver, **env)
-        assert p.resource.attributes["service.name"] == want
+def test_metrics_port_and_names_from_flags_and_environment(monkeypatch):
+    s = settings_from([], {}, monkeypatch)
+    assert (s.metrics_port, s.metrics_host, s.tracing.service_name, s.tracing.max_events) == (
+        9465, "0.0.0.0", "dexserve-worker", 8192)
+    s = settings_from([], {"DEX_METRICS_PORT": "off", "DEX_METRICS_HOST": "127.0.0.1", "OTEL_SERVICE_NAME": "custom",
+                           "OTEL_SPAN_EVENT_COUNT_LIMIT": "100"}, monkeypatch)
+    assert (s.metrics_port, s.metrics_host, s.tracing.service_name, s.tracing.max_events) == (
+        None, "127.0.0.1", "custom", 100)
+    s = settings_from(["--metrics-port", "0", "--service-name", "flag"], {"DEX_METRICS_PORT": "1234"}, monkeypatch)
+    assert (s.metrics_port, s.tracing.service_name) == (0, "flag")
+    with pytest.raises(SystemExit):                      # argparse names the flag
+        settings_from(["--metrics-port", "http"], {}, monkeypatch)
+
+
+def test_service_name_is_the_settings(receiver):
+    for name in ("dexserve-worker", "custom"):
+        p = provider_for(receiver, name)
+        assert p.resource.attributes["service.name"] == name
         tracing.shutdown_tracing(p)

@@ -102,6 +102,9 @@ def test_one_trace_end_to_end_with_one_commit_event_per_token(stack):
     assert da["gen_ai.usage.output_tokens"] == MAX_NEW and da["gen_ai.usage.input_tokens"] > 0
     assert da["gen_ai.response.finish_reasons"] == ("length",)
     assert da["dex.explorers"] == 2 and da["dex.mode"] == "dex" and da["dex.rpt"] >= 1.0
+    # the final chunk's usage says the same: rounds counted by the worker loop, RPT as the decode span's
+    dex = chunks[-1].usage.dex
+    assert (dex.explorers, dex.mode) == (2, "dex") and dex.rounds / MAX_NEW == da["dex.rpt"]
 
 
 def test_metrics_serve_the_listed_series_and_move(stack):
@@ -154,3 +157,63 @@ def test_metrics_serve_the_listed_series_and_move(stack):
     assert moved("dex_gateway_streamed_tokens_total", gw0, gw1) == MAX_NEW
     assert total(gw1, "dex_workers") == 1
     assert total(gw1, "dex_gateway_active_requests") == 0
+
+
+def test_an_http_request_is_one_trace_with_the_worker_and_moves_the_door_metrics(stack):
+    """The OpenAI door: its server span continues the client's trace and parents the worker's spans
+    through the queue, as a gRPC call's does; TTFT, requests and tokens count under door="http"."""
+    import openai
+
+    gw0 = scrape(stack.gateway_metrics)
+    client_trace, client_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    with openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        out = client.completions.create(model="tiny-llama", prompt="def add(a, b):", max_tokens=MAX_NEW, temperature=0,
+                                        extra_headers={"traceparent": f"00-{client_trace}-{client_span}-01"})
+        streamed = list(client.completions.create(model="tiny-llama", prompt="import os", max_tokens=MAX_NEW,
+                                                  temperature=0, stream=True))
+    assert out.usage.completion_tokens == MAX_NEW and streamed[-1].choices[0].finish_reason == "length"
+    rid = out.id.removeprefix("cmpl-")
+
+    def complete(spans):
+        mine = [s for s in spans if s.attributes.get("dex.request_id") == rid]
+        return {s.name for s in mine} >= {"POST /v1/completions", f"send {stack.names.requests}",
+                                          f"process {stack.names.requests}", "decode"}
+
+    spans = stack.receiver.wait_for(complete, timeout=30)
+    mine = {s.name: s for s in spans if s.attributes.get("dex.request_id") == rid}
+    server = mine["POST /v1/completions"]
+    producer, consumer = mine[f"send {stack.names.requests}"], mine[f"process {stack.names.requests}"]
+    decode = mine["decode"]
+    assert {s.trace_id for s in (server, producer, consumer, decode)} == {client_trace}
+    assert server.parent_span_id == client_span                       # the client's traceparent is continued
+    assert producer.parent_span_id == server.span_id
+    assert consumer.parent_span_id == producer.span_id and decode.parent_span_id == consumer.span_id
+    assert server.kind == KIND.SPAN_KIND_SERVER and server.service == "dexserve-gateway"
+    assert consumer.service == "dexserve-worker"
+    a = server.attributes
+    assert (a["http.request.method"], a["http.route"], a["url.scheme"], a["http.response.status_code"]) == (
+        "POST", "/v1/completions", "http", 200)
+    assert a["server.port"] == int(stack.http_url.rsplit(":", 1)[1]) and a["client.address"] == "127.0.0.1"
+    assert a["dex.door"] == "http" and a["dex.status"] == "OK"
+    assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.request.model"] == "tiny-llama"
+    assert a["gen_ai.request.max_tokens"] == MAX_NEW and a["gen_ai.usage.output_tokens"] == MAX_NEW
+    assert a["gen_ai.response.finish_reasons"] == ("length",)
+    assert "dex.first_token" in [name for name, _ in server.events]
+    # usage.dex: an extra key the official client keeps; the RPT is the decode span's
+    dex = out.usage.model_extra["dex"]
+    assert (dex["explorers"], dex["mode"]) == (2, "dex") and dex["rpt"] == decode.attributes["dex.rpt"]
+    assert dex["rounds"] == dex["rpt"] * MAX_NEW and MAX_NEW <= dex["rounds"] <= 2 * MAX_NEW   # K=2: ar would be 2
+
+    deadline = time.monotonic() + 10     # a call is counted when its handler returns, just after its last byte
+    while True:
+        gw1 = scrape(stack.gateway_metrics)
+        moved = lambda name, **l: total(gw1, name, **l) - total(gw0, name, **l)  # noqa: E731
+        if moved("dex_gateway_requests_total", door="http") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert moved("dex_gateway_time_to_first_token_seconds_count", door="http") == 2
+    assert moved("dex_gateway_time_to_first_token_seconds_count", door="grpc") == 0
+    assert moved("dex_gateway_requests_total", door="http", method="/v1/completions", code="OK") == 2
+    assert moved("dex_gateway_request_duration_seconds_count", door="http", method="/v1/completions") == 2
+    assert moved("dex_gateway_streamed_tokens_total", door="http") == 2 * MAX_NEW
+    assert total(gw1, "dex_gateway_active_requests", door="http") == 0

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from dexserve.telemetry import tracing
 from dexserve.telemetry.metrics import WorkerMetrics
 from dexserve.telemetry.receiver import OtlpReceiver
+from dexserve.telemetry.settings import TracingSettings
 from dexserve.telemetry.worker_observer import WorkerTelemetry
 
 PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def __init__(self):",
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = DexEngine.load(args.model, EngineConfig(explorers=args.explorers, width=args.width, max_batch=args.batch,
                                                   max_context=args.max_context, max_new_tokens=args.max_new_tokens))
     receiver = OtlpReceiver(keep_raw=False).start()
-    provider = tracing.setup_tracing("dexserve-bench", env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint},
-                                     set_global=False)
+    provider = tracing.setup_tracing(TracingSettings("dexserve-bench", endpoint=receiver.endpoint), set_global=False)
     metrics = WorkerMetrics(CollectorRegistry())
     arms = {"off": WorkerTelemetry.for_engine(engine.info, None, metrics, None),
             "on": WorkerTelemetry.for_engine(engine.info, tracing.get_tracer(provider), metrics, None)}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x65xserve/v1/dex.proto\x12\x0b\x64\x65xserve.v1\"\xcc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x08messages\x18\n \x03(\x0b\x32\x18.dexserve.v1.ChatMessage\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0bresume_from\x18\x0c \x01(\rH\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0b\n\t_logprobsB\x0e\n\x0c_resume_from\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"L\n\x08Logprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32\x19.dexserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xef\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\x19\n\x11\x63ommit_unix_nanos\x18\x07 \x01(\x03\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.dexserve.v1.Logprobs\"\xc5\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.dexserve.v1.Logprobs\"\x13\n\x11ListModelsRequest\"|\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04\x63hat\x18\x06 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dexserve.v1.ModelInfo\"\x91\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.dexserve.v1.GenerateRequest\x12\x43\n\rtrace_context\x18\x03 \x03(\x0b\x32,.dexserve.v1.QueuedRequest.TraceContextEntry\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x18\n\x10\x65nqueued_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0cTokenMessage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x01(\x0b\x32\x15.dexserve.v1.Logprobs\"k\n\rFinishMessage\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\"-\n\x0c\x45rrorMessage\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xba\x01\n\x0bStreamEvent\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x19\n\x11\x63ommit_unix_nanos\x18\x02 \x01(\x03\x12)\n\x06tokens\x18\x03 \x03(\x0b\x32\x19.dexserve.v1.TokenMessage\x12*\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x1a.dexserve.v1.FinishMessage\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.dexserve.v1.ErrorMessage*\xae\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x05\x32\xec\x01\n\nDexService\x12\x46\n\x08Generate\x12\x1c.dexserve.v1.GenerateRequest\x1a\x1a.dexserve.v1.GenerateChunk0\x01\x12G\n\x08\x43omplete\x12\x1c.dexserve.v1.GenerateRequest\x1a\x1d.dexserve.v1.CompleteResponse\x12M\n\nListModels\x12\x1e.dexserve.v1.ListModelsRequest\x1a\x1f.dexserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x65xserve/v1/dex.proto\x12\x0b\x64\x65xserve.v1\"\xcc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x08messages\x18\n \x03(\x0b\x32\x18.dexserve.v1.ChatMessage\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0bresume_from\x18\x0c \x01(\rH\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0b\n\t_logprobsB\x0e\n\x0c_resume_from\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"L\n\x08Logprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32\x19.dexserve.v1.TokenLogprob\"]\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\"\n\x03\x64\x65x\x18\x03 \x01(\x0b\x32\x15.dexserve.v1.DexUsage\";\n\x08\x44\x65xUsage\x12\x11\n\texplorers\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\xef\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\x19\n\x11\x63ommit_unix_nanos\x18\x07 \x01(\x03\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.dexserve.v1.Logprobs\"\xc5\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.dexserve.v1.Logprobs\"\x13\n\x11ListModelsRequest\"|\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04\x63hat\x18\x06 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dexserve.v1.ModelInfo\"\x91\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.dexserve.v1.GenerateRequest\x12\x43\n\rtrace_context\x18\x03 \x03(\x0b\x32,.dexserve.v1.QueuedRequest.TraceContextEntry\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x18\n\x10\x65nqueued_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0cTokenMessage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x01(\x0b\x32\x15.dexserve.v1.Logprobs\"k\n\rFinishMessage\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.dexserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.dexserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\"-\n\x0c\x45rrorMessage\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xba\x01\n\x0bStreamEvent\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x19\n\x11\x63ommit_unix_nanos\x18\x02 \x01(\x03\x12)\n\x06tokens\x18\x03 \x03(\x0b\x32\x19.dexserve.v1.TokenMessage\x12*\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x1a.dexserve.v1.FinishMessage\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.dexserve.v1.ErrorMessage*\xae\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x05\x32\xec\x01\n\nDexService\x12\x46\n\x08Generate\x12\x1c.dexserve.v1.GenerateRequest\x1a\x1a.dexserve.v1.GenerateChunk0\x01\x12G\n\x08\x43omplete\x12\x1c.dexserve.v1.GenerateRequest\x1a\x1d.dexserve.v1.CompleteResponse\x12M\n\nListModels\x12\x1e.dexserve.v1.ListModelsRequest\x1a\x1f.dexserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1984
-  _globals['_FINISHREASON']._serialized_end=2158
+  _globals['_FINISHREASON']._serialized_start=2081
+  _globals['_FINISHREASON']._serialized_end=2255
   _globals['_GENERATEREQUEST']._serialized_start=39
   _globals['_GENERATEREQUEST']._serialized_end=371
   _globals['_CHATMESSAGE']._serialized_start=373
@@ -44,29 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGPROBS']._serialized_start=470
   _globals['_LOGPROBS']._serialized_end=546
   _globals['_USAGE']._serialized_start=548
-  _globals['_USAGE']._serialized_end=605
-  _globals['_GENERATECHUNK']._serialized_start=608
-  _globals['_GENERATECHUNK']._serialized_end=847
-  _globals['_COMPLETERESPONSE']._serialized_start=850
-  _globals['_COMPLETERESPONSE']._serialized_end=1047
-  _globals['_LISTMODELSREQUEST']._serialized_start=1049
-  _globals['_LISTMODELSREQUEST']._serialized_end=1068
-  _globals['_MODELINFO']._serialized_start=1070
-  _globals['_MODELINFO']._serialized_end=1194
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1196
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1256
-  _globals['_QUEUEDREQUEST']._serialized_start=1259
-  _globals['_QUEUEDREQUEST']._serialized_end=1532
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=1481
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=1532
-  _globals['_TOKENMESSAGE']._serialized_start=1534
-  _globals['_TOKENMESSAGE']._serialized_end=1636
-  _globals['_FINISHMESSAGE']._serialized_start=1638
-  _globals['_FINISHMESSAGE']._serialized_end=1745
-  _globals['_ERRORMESSAGE']._serialized_start=1747
-  _globals['_ERRORMESSAGE']._serialized_end=1792
-  _globals['_STREAMEVENT']._serialized_start=1795
-  _globals['_STREAMEVENT']._serialized_end=1981
-  _globals['_DEXSERVICE']._serialized_start=2161
-  _globals['_DEXSERVICE']._serialized_end=2397
+  _globals['_USAGE']._serialized_end=641
+  _globals['_DEXUSAGE']._serialized_start=643
+  _globals['_DEXUSAGE']._serialized_end=702
+  _globals['_GENERATECHUNK']._serialized_start=705
+  _globals['_GENERATECHUNK']._serialized_end=944
+  _globals['_COMPLETERESPONSE']._serialized_start=947
+  _globals['_COMPLETERESPONSE']._serialized_end=1144
+  _globals['_LISTMODELSREQUEST']._serialized_start=1146
+  _globals['_LISTMODELSREQUEST']._serialized_end=1165
+  _globals['_MODELINFO']._serialized_start=1167
+  _globals['_MODELINFO']._serialized_end=1291
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1293
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1353
+  _globals['_QUEUEDREQUEST']._serialized_start=1356
+  _globals['_QUEUEDREQUEST']._serialized_end=1629
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=1578
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=1629
+  _globals['_TOKENMESSAGE']._serialized_start=1631
+  _globals['_TOKENMESSAGE']._serialized_end=1733
+  _globals['_FINISHMESSAGE']._serialized_start=1735
+  _globals['_FINISHMESSAGE']._serialized_end=1842
+  _globals['_ERRORMESSAGE']._serialized_start=1844
+  _globals['_ERRORMESSAGE']._serialized_end=1889
+  _globals['_STREAMEVENT']._serialized_start=1892
+  _globals['_STREAMEVENT']._serialized_end=2078
+  _globals['_DEXSERVICE']._serialized_start=2258
+  _globals['_DEXSERVICE']._serialized_end=2494
 # @@protoc_insertion_point(module_scope)

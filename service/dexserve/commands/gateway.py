@@ -9,8 +9,11 @@ import os
 import signal
 
 from dexserve.commands.options import (add_http_arguments, add_limit_arguments, add_queue_arguments,
-                                       http_port_from_args, limits_from_args, queue_from_args)
+                                       add_telemetry_arguments, http_port_from_args, limits_from_args, queue_from_args,
+                                       telemetry_from_args)
 from dexserve.gateway.config import GatewayConfig
+from dexserve.telemetry.endpoint import GATEWAY_METRICS_PORT
+from dexserve.telemetry.tracing import GATEWAY_SERVICE
 
 HELP = "Run the gateway: gRPC, and the OpenAI-compatible HTTP door beside it."
 
@@ -44,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "queueing them (env DEX_REQUIRE_WORKERS=1); off by default: workers may scale from zero")
     add_limit_arguments(parser)
     add_queue_arguments(parser)
+    add_telemetry_arguments(parser, GATEWAY_SERVICE, GATEWAY_METRICS_PORT)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s gateway %(levelname)s %(message)s")
     config = config_from_args(args)
 
-    telemetry = start_gateway_telemetry(config)
+    telemetry = start_gateway_telemetry(config, telemetry_from_args(args))
 
     async def main() -> None:
         from dexserve.gateway.server import ModelMismatch

@@ -1,19 +1,24 @@
 """Flags and environment every role of a deployment must agree on: the queue
-and the serving limits, shared by `dex gateway`, `dex worker` and `dex up`.
+and the serving limits, shared by `dex gateway`, `dex worker` and `dex up`;
+and the telemetry flags both long-running processes take.
 
 This is the CLI edge: flags and environment become `QueueNames`,
-`QueueSettings` and `Limits` here and nowhere else. Flags win over
-environment variables, which win over the defaults of those typed objects.
+`QueueSettings`, `Limits` and `TelemetrySettings` here and nowhere else. Flags
+win over environment variables, which win over the defaults of those typed
+objects.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.contract.model_card import ModelCard
 from dexserve.queue.protocol import QueueNames, QueueSettings
+from dexserve.telemetry.settings import (DEFAULT_MAX_EVENTS, DEFAULT_METRICS_HOST, OTLP_PROTOCOLS, TelemetrySettings,
+                                         TracingSettings)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_HTTP_PORT = 8000     # the OpenAI-compatible HTTP door of `dex gateway` / `dex up`
@@ -100,3 +105,80 @@ def http_port_from_args(args: argparse.Namespace) -> int | None:
 def http_flags(args: argparse.Namespace) -> list[str]:
     """The same setting as a flag, for the gateway `dex up` starts."""
     return ["--http-port", str(args.http_port)]
+
+
+# ---- telemetry (`dex gateway`, `dex worker`) -------------------------------------------------------
+
+_OFF = ("", "off", "none", "-1")
+
+
+def _port_or_off(raw: str) -> int | None:
+    raw = raw.strip().lower()
+    if raw in _OFF:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port number, or off; got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number (0..65535), or off; got {port}")
+    return port
+
+
+def otlp_protocol_from_env(env: Mapping[str, str]) -> str:
+    """OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL, else grpc."""
+    return (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc").strip().lower()
+
+
+def otlp_endpoint_from_env(env: Mapping[str, str], protocol: str) -> str | None:
+    """The traces endpoint the standard variables name, or None (exporting off): none set, or
+    OTEL_SDK_DISABLED=true, or OTEL_TRACES_EXPORTER=none. OTEL_EXPORTER_OTLP_ENDPOINT is a base
+    URL: over http/protobuf the traces path is appended, as the OpenTelemetry spec says."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    if traces := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if base and protocol.startswith("http"):
+        return base.rstrip("/") + "/v1/traces"
+    return base or None
+
+
+def add_telemetry_arguments(parser: argparse.ArgumentParser, service: str, metrics_port: int) -> None:
+    """Tracing and the metrics port; every default is the environment variable users already set
+    (the standard OTEL_* ones included)."""
+    env = os.environ.get
+    g = parser.add_argument_group("telemetry (defaults: the standard OTEL_* environment)")
+    g.add_argument("--metrics-port", type=_port_or_off, default=env("DEX_METRICS_PORT", str(metrics_port)),
+                   help=f"Prometheus /metrics and /healthz port (env DEX_METRICS_PORT; default {metrics_port}; "
+                        f"off: none; taken: a free one)")
+    g.add_argument("--metrics-host", default=env("DEX_METRICS_HOST", DEFAULT_METRICS_HOST),
+                   help=f"address the metrics port listens on (env DEX_METRICS_HOST; default {DEFAULT_METRICS_HOST})")
+    g.add_argument("--otlp-endpoint", default=None,
+                   help="OTLP collector for traces, e.g. http://otel-collector:4317 (default: "
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; none, "
+                        "OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none: no spans; off: none either)")
+    g.add_argument("--otlp-protocol", choices=OTLP_PROTOCOLS, default=None,
+                   help="OTLP transport (default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else "
+                        "OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)")
+    g.add_argument("--service-name", default=env("OTEL_SERVICE_NAME") or service,
+                   help=f"service.name of this process's spans (env OTEL_SERVICE_NAME; default {service})")
+    g.add_argument("--span-event-limit", type=int, default=int(env("OTEL_SPAN_EVENT_COUNT_LIMIT") or DEFAULT_MAX_EVENTS),
+                   help=f"events kept per span: a commit and a collapse per token (env OTEL_SPAN_EVENT_COUNT_LIMIT; "
+                        f"default {DEFAULT_MAX_EVENTS})")
+
+
+def telemetry_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> TelemetrySettings:
+    protocol = args.otlp_protocol or otlp_protocol_from_env(env)
+    if protocol not in OTLP_PROTOCOLS:
+        raise SystemExit(f"OTEL_EXPORTER_OTLP_PROTOCOL: one of {', '.join(OTLP_PROTOCOLS)}, got {protocol!r}")
+    endpoint = args.otlp_endpoint if args.otlp_endpoint is not None else otlp_endpoint_from_env(env, protocol)
+    if endpoint is not None and endpoint.strip().lower() in _OFF:
+        endpoint = None
+    tracing = TracingSettings(service_name=args.service_name, endpoint=endpoint, protocol=protocol,
+                              max_events=args.span_event_limit)
+    return TelemetrySettings(tracing, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+

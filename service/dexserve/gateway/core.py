@@ -159,6 +159,7 @@ class GatewayCore:
         `deadline_s`: seconds the client will wait (the worker drops it after that)."""
         if isinstance(request, BadRequest):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, request.message, request.field)
+        self.observer.on_request(request)
         if self.draining:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry on another replica")
         if self.served.mismatch:
@@ -339,12 +340,15 @@ class GatewayCore:
                     chunk.text = "".join(texts)
                     if chunk.token_ids and chunk.position == 0:
                         self.observer.on_first_token(rid, event.commit_unix_nanos)
-                    if chunk.token_ids or chunk.finish_reason:
-                        yield chunk
                     if chunk.finish_reason:
+                        # finished before the last yield: a caller that stops reading at the finish
+                        # chunk (the HTTP door's stream) has not left early, nothing is cancelled
                         finished = True
                         self.observer.on_finish(rid, pb.FinishReason.Name(chunk.finish_reason), next_index)
+                        yield chunk
                         return
+                    if chunk.token_ids:
+                        yield chunk
         except _DrainSignal:
             raise Draining(rid, next_index) from None
         finally:

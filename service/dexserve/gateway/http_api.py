@@ -21,6 +21,10 @@ draining gateway answers 503 and ends open streams with an `unavailable` error e
 and `[DONE]`. HTTP requests carry no request_id and no resume position, so nobody can
 re-attach to one: a client that disconnects cancels its request at once (no resume
 grace).
+
+Telemetry wraps the app (`asgi_middleware` of the gateway's observer: server span and metrics per
+request); the routes report how each call ended as a gRPC status name (`GatewayObserver.on_status`),
+which the HTTP status alone cannot say for a stream that ends in an error event after its 200.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import grpc
@@ -39,6 +43,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from dexserve.gateway.auth import BearerToken
 from dexserve.gateway.core import GatewayCore, Rejected
@@ -149,6 +154,7 @@ class OpenAIApp:
         if (denied := self._denied(request)) is not None:
             return denied
         served = self.core.served
+        self._report(grpc.StatusCode.OK)
         return JSONResponse({"object": "list", "data": [{
             "id": served.card.name, "object": "model", "created": 0, "owned_by": "dexserve",
             "max_model_len": served.limits.max_context, "chat": served.chat_template is not None}]})
@@ -179,12 +185,12 @@ class OpenAIApp:
             slot = self.core.stream_slot()
             qreq = await self.core.admit(req)
         except FieldError as exc:
+            self._report(grpc.StatusCode.INVALID_ARGUMENT)
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, exc.message, exc.param)
         except Rejected as exc:
             if slot is not None:
                 slot.release()
-            status, body = _rejected(exc, opts)
-            return JSONResponse(body, status_code=status)
+            return self._rejected_response(exc, opts)
         except BaseException:
             if slot is not None:
                 slot.release()
@@ -198,13 +204,15 @@ class OpenAIApp:
                 first = await _unless_gone(request, anext(chunks))
                 streaming = True                 # the stream's generator now closes `chunks` (and the slot)
                 return self._stream(chunks, first, out, opts)
-            return JSONResponse(out.response(await _unless_gone(request, self._collect(chunks))))
+            response = JSONResponse(out.response(await _unless_gone(request, self._collect(chunks))))
+            self._report(grpc.StatusCode.OK)
+            return response
         except Rejected as exc:
             await chunks.aclose()
-            status, body = _rejected(exc, opts)
-            return JSONResponse(body, status_code=status)
+            return self._rejected_response(exc, opts)
         except ClientGone:
             await chunks.aclose()                # releases the request (cancelled if nobody else follows it)
+            self._report(grpc.StatusCode.CANCELLED)
             return Response(status_code=499)
         finally:
             if not streaming:
@@ -230,19 +238,36 @@ class OpenAIApp:
                                 yield _sse(out.usage_chunk(chunk.usage))
                             break
                         chunk = await anext(chunks)
+                    self._report(grpc.StatusCode.OK)
                 except Rejected as exc:
+                    self._report(exc.code)       # after the 200: only this event (and telemetry) tells
                     yield _sse(_rejected(exc, opts)[1])
+                except (GeneratorExit, asyncio.CancelledError):   # the client left mid-stream
+                    self._report(grpc.StatusCode.CANCELLED)
+                    raise
                 yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- auth and errors -----------------------------------------------------
+    def _report(self, code: grpc.StatusCode) -> None:
+        """Tell the observer how this call ended (gRPC's vocabulary: the HTTP status cannot say it all)."""
+        self.core.observer.on_status(code.name)
+
+    def _rejected_response(self, exc: Rejected, opts: Options | None) -> Response:
+        self._report(exc.code)
+        status, body = _rejected(exc, opts)
+        return JSONResponse(body, status_code=status)
+
     def _denied(self, request: Request) -> Response | None:
         if self.auth is None:
             return None
         denial = self.auth.denial(request.headers.get("authorization"))
-        return error_response(grpc.StatusCode.UNAUTHENTICATED, denial) if denial else None
+        if not denial:
+            return None
+        self._report(grpc.StatusCode.UNAUTHENTICATED)
+        return error_response(grpc.StatusCode.UNAUTHENTICATED, denial)
 
     @staticmethod
     async def _not_found(request: Request, exc) -> Response:
@@ -268,7 +293,7 @@ class HttpServer:
     """The HTTP door's listener (uvicorn: h11, one event loop with the gRPC server)."""
 
     def __init__(self, app: OpenAIApp, host: str, port: int, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, middleware: Callable[[ASGIApp], ASGIApp] | None = None) -> None:
         self.app = app
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -281,7 +306,8 @@ class HttpServer:
                                      f"--http-port picks another, 0 turns it off") from exc
         self.port = self.socket.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
-        config = uvicorn.Config(app.app, lifespan="off", log_config=None, access_log=False, http="h11",
+        asgi = middleware(app.app) if middleware is not None else app.app   # telemetry: outermost, sees auth too
+        config = uvicorn.Config(asgi, lifespan="off", log_config=None, access_log=False, http="h11",
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_graceful_shutdown=5)
         self.server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task | None = None

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from dexserve.contract.model_card import PromptTokenizer
-from dexserve.queue.codec import finish_reason_from_pb
+from dexserve.queue.codec import dex_usage_json, finish_reason_from_pb
 from dexserve.contract.request import FinishReason
 from dexserve.contract.validation import LOGPROBS_UNSUPPORTED
 from dexserve.gateway.core import join_chunks
@@ -235,8 +235,13 @@ def param_message(field: str | None, message: str, opts: Options | None) -> tupl
 # ---- responses ----------------------------------------------------------------------------
 
 def usage_json(usage: pb.Usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    """OpenAI's usage object, plus `dex` (explorers, rounds, rpt, mode) when the worker reported it:
+    an extra key, which OpenAI's clients keep (`usage.model_extra["dex"]` in the Python client)."""
+    out = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+           "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    if (dex := dex_usage_json(usage)) is not None:
+        out["dex"] = dex
+    return out
 
 
 def finish_json(value: int) -> str | None:

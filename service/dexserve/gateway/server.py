@@ -148,7 +148,7 @@ class Gateway:
         http = None
         if config.http_port is not None:
             http = HttpServer(OpenAIApp(core, config.auth_token), config.host, config.http_port,
-                              config.tls_cert, config.tls_key)
+                              config.tls_cert, config.tls_key, getattr(observer, "asgi_middleware", None))
         await server.start()
         if http is not None:
             await http.start()

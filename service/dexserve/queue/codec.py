@@ -83,9 +83,20 @@ def token_messages(tokens: list[TokenEvent]) -> list[pb.TokenMessage]:
             for t in tokens]
 
 
-def finish_message(fin: Finished) -> pb.FinishMessage:
+def finish_message(fin: Finished, dex: pb.DexUsage | None = None) -> pb.FinishMessage:
+    """The last event's finish; `dex`: how the worker decoded it (explorers, rounds, mode), when known."""
     return pb.FinishMessage(
         reason=finish_reason_to_pb(fin.reason),
-        usage=pb.Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens),
+        usage=pb.Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens, dex=dex),
         text=fin.text,
     )
+
+
+def dex_usage_json(usage: pb.Usage) -> dict | None:
+    """`usage.dex` as JSON (the OpenAI door's `usage.dex`, `dex generate --json`): explorers, rounds,
+    rpt (rounds per committed token) and mode; None when no worker reported it."""
+    if not usage.HasField("dex"):
+        return None
+    d = usage.dex
+    rpt = d.rounds / usage.completion_tokens if usage.completion_tokens else None
+    return {"explorers": d.explorers, "rounds": d.rounds, "rpt": rpt, "mode": d.mode}

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from dexserve.telemetry.settings import DEFAULT_METRICS_HOST
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +25,10 @@ GATEWAY_METRICS_PORT = 9464
 WORKER_METRICS_PORT = 9465
 
 
-def metrics_port(default: int) -> int | None:
-    """DEX_METRICS_PORT, else `default`; empty or "off" disables the endpoint."""
-    raw = os.environ.get("DEX_METRICS_PORT")
-    if raw is None:
-        return default
-    raw = raw.strip().lower()
-    if raw in ("", "off", "none", "-1"):
-        return None
-    return int(raw)
-
-
 class MetricsServer:
-    def __init__(self, port: int, host: str | None = None, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, port: int, host: str = DEFAULT_METRICS_HOST, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self.ready = threading.Event()
-        host = host if host is not None else os.environ.get("DEX_METRICS_HOST", "0.0.0.0")
         handler = _handler(self)
         try:
             self._server = ThreadingHTTPServer((host, port), handler)

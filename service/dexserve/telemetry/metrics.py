@@ -33,28 +33,39 @@ RPT_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 TOKENS_PER_SECOND_WINDOW_S = 10.0
 
 
+DOORS = ("grpc", "http")      # the gateway's doors: DexService over gRPC, the OpenAI-compatible HTTP API
+
+
 class GatewayMetrics:
-    """Per-RPC series of one gateway (fed by the gateway observer and interceptor)."""
+    """Per-call series of one gateway, both doors (fed by the gateway observer, its gRPC interceptor and
+    its HTTP middleware). `door` is grpc or http; `method` is the RPC (Generate, Complete, ListModels)
+    or the HTTP route (/v1/completions, /v1/chat/completions, /v1/models); `code` is a gRPC status
+    name for both doors (the gateway's one vocabulary: an HTTP stream that ends in an error event
+    after its 200 counts with that error's code)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("dex_gateway_requests", "DexService RPCs ended, by method and gRPC status code",
-                                ["method", "code"], registry=registry)
-        self.errors = Counter("dex_gateway_errors", "DexService RPCs ended with a non-OK gRPC status, by code",
-                              ["code"], registry=registry)
-        self.active = Gauge("dex_gateway_active_requests", "DexService RPCs in flight", registry=registry)
+        self.requests = Counter("dex_gateway_requests", "Calls ended, by door, method (RPC or HTTP route) and "
+                                "gRPC status code", ["door", "method", "code"], registry=registry)
+        self.errors = Counter("dex_gateway_errors", "Calls ended with a non-OK gRPC status, by door and code",
+                              ["door", "code"], registry=registry)
+        self.active = Gauge("dex_gateway_active_requests", "Calls in flight, by door", ["door"], registry=registry)
         self.ttft = Histogram("dex_gateway_time_to_first_token_seconds",
-                              "From the RPC's arrival to its first token reaching the stream",
-                              buckets=LATENCY_BUCKETS, registry=registry)
-        self.duration = Histogram("dex_gateway_request_duration_seconds", "DexService RPC duration",
-                                  ["method"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.streamed_tokens = Counter("dex_gateway_streamed_tokens", "Tokens passed on to clients",
-                                       registry=registry)
+                              "From the call's arrival to its first token reaching the stream, by door",
+                              ["door"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.duration = Histogram("dex_gateway_request_duration_seconds", "Call duration, by door and method",
+                                  ["door", "method"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.streamed_tokens = Counter("dex_gateway_streamed_tokens", "Tokens passed on to clients, by door",
+                                       ["door"], registry=registry)
         self.divergences = Counter("dex_gateway_divergences",
                                    "Streams ended ABORTED because a restarted attempt produced a different token "
                                    "at a position already sent (must stay 0: tokens are a function of the seed)",
                                    registry=registry)
         self.enqueued = Counter("dex_gateway_enqueued_requests", "Requests put on the queue (attached: joined a running one)",
                                 ["attached"], registry=registry)
+        for door in DOORS:           # both doors' series exist from the start (0, not absent)
+            self.active.labels(door)
+            self.ttft.labels(door)
+            self.streamed_tokens.labels(door)
 
 
 class WorkerMetrics:

@@ -1,7 +1,7 @@
 """Telemetry of one process, started by `dex gateway` and `dex worker`.
 
-Keeps the commands' edits to a few lines: start (tracing from OTEL_*, the
-metrics port from DEX_METRICS_PORT), hand the observer to the object the
+Keeps the commands' edits to a few lines: start (from the `TelemetrySettings`
+the command built from its flags), hand the observer to the object the
 command builds, mark ready, shut down (flushing the last spans).
 """
 
@@ -14,19 +14,20 @@ from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metri
 from dexserve.contract.engine import Engine
 from dexserve.queue.protocol import QueueNames
 from dexserve.telemetry import tracing
-from dexserve.telemetry.endpoint import GATEWAY_METRICS_PORT, WORKER_METRICS_PORT, MetricsServer, metrics_port
+from dexserve.telemetry.endpoint import MetricsServer
+from dexserve.telemetry.settings import TelemetrySettings
 
 log = logging.getLogger(__name__)
 
 
 class ProcessTelemetry:
-    def __init__(self, service: str, default_port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, settings: TelemetrySettings, registry: CollectorRegistry = REGISTRY) -> None:
         disable_created_metrics()     # `*_created` series double the count and no dashboard reads them
         self.registry = registry
-        self.provider = tracing.setup_tracing(service)
+        self.provider = tracing.setup_tracing(settings.tracing)
         self.tracer = tracing.get_tracer(self.provider)
-        port = metrics_port(default_port)
-        self.server = MetricsServer(port, registry=registry).start() if port is not None else None
+        port = settings.metrics_port
+        self.server = MetricsServer(port, settings.metrics_host, registry).start() if port is not None else None
         self._observers: list = []
 
     def set_ready(self, ready: bool = True) -> None:
@@ -44,17 +45,17 @@ class ProcessTelemetry:
             self.server.stop()
 
 
-def start_worker_telemetry() -> "WorkerProcessTelemetry":
-    return WorkerProcessTelemetry()
+def start_worker_telemetry(settings: TelemetrySettings) -> "WorkerProcessTelemetry":
+    return WorkerProcessTelemetry(settings)
 
 
 class WorkerProcessTelemetry(ProcessTelemetry):
     """Started before the model loads, so /healthz reads 503 while it does."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, settings: TelemetrySettings, registry: CollectorRegistry = REGISTRY) -> None:
         from dexserve.telemetry.metrics import WorkerMetrics
 
-        super().__init__(tracing.WORKER_SERVICE, WORKER_METRICS_PORT, registry)
+        super().__init__(settings, registry)
         self.metrics = WorkerMetrics(registry)
 
     def observer(self, engine: Engine, names: QueueNames):
@@ -72,13 +73,14 @@ class WorkerProcessTelemetry(ProcessTelemetry):
 class GatewayProcessTelemetry(ProcessTelemetry):
     """Also samples the queue (depth, lag, oldest wait, live workers) at scrape time."""
 
-    def __init__(self, redis_url: str, names, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, settings: TelemetrySettings, redis_url: str, names,
+                 registry: CollectorRegistry = REGISTRY) -> None:
         import redis
 
         from dexserve.telemetry.gateway_observer import GatewayTelemetry
         from dexserve.telemetry.metrics import GatewayMetrics, QueueCollector
 
-        super().__init__(tracing.GATEWAY_SERVICE, GATEWAY_METRICS_PORT, registry)
+        super().__init__(settings, registry)
         self.metrics = GatewayMetrics(registry)
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._queue = QueueCollector(self._redis, names)
@@ -94,5 +96,5 @@ class GatewayProcessTelemetry(ProcessTelemetry):
         self._redis.close()
 
 
-def start_gateway_telemetry(config) -> GatewayProcessTelemetry:
-    return GatewayProcessTelemetry(config.redis_url, config.names)
+def start_gateway_telemetry(config, settings: TelemetrySettings) -> GatewayProcessTelemetry:
+    return GatewayProcessTelemetry(settings, config.redis_url, config.names)

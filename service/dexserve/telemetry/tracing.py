@@ -1,15 +1,17 @@
 """OpenTelemetry set-up, W3C propagation across the queue, and the decode events.
 
-Configuration is the standard `OTEL_*` environment, read by the SDK itself
-(endpoint, headers, TLS, sampler, batch-processor timings, resource
-attributes). Exporting is off unless `OTEL_EXPORTER_OTLP_ENDPOINT` or
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set: then there is no SDK provider at
+Configuration is a `TracingSettings` (telemetry/settings.py), which the CLI
+edge builds from flags whose defaults are the standard `OTEL_*` variables; the
+SDK itself still reads the rest of them (headers, TLS, sampler, batch-processor
+timings, resource attributes). Exporting is off unless the settings have an
+endpoint (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`): then there is no SDK provider at
 all, every span is the API's non-recording span, and the observers skip event
 building (`Span.is_recording()`), so an untraced worker pays nothing per round.
 
 Span tree of one request (one trace id across processes):
 
-    gateway  SERVER   dexserve.v1.DexService/Generate   dex.request_id, gen_ai.request.*
+    gateway  SERVER   dexserve.v1.DexService/Generate   dex.request_id, gen_ai.request.*   (gRPC door)
+             or       POST /v1/completions              the same, plus http.* / url.* (HTTP door)
     gateway  PRODUCER send dex:requests                 context injected into QueuedRequest.trace_context
     worker   CONSUMER process dex:requests              parent: the extracted context (single message)
     worker   INTERNAL decode                            events dex.commit / dex.collapse, gen_ai.usage.*
@@ -23,7 +25,6 @@ few microseconds per committed token.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import propagate, trace
@@ -31,16 +32,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
 from dexserve.contract.records import FALLBACK, RoundRecord
+from dexserve.telemetry.settings import TracingSettings
 
 log = logging.getLogger(__name__)
 
 GATEWAY_SERVICE = "dexserve-gateway"
 WORKER_SERVICE = "dexserve-worker"
 INSTRUMENTATION = "dexserve"
-
-# A request commits one token per event and collapses about as often: the SDK's
-# default of 128 events per span would drop most of a long request's rounds.
-DEFAULT_MAX_EVENTS = 8192
 
 # ---- span names --------------------------------------------------------------
 PRODUCER_SPAN = "send {destination}"
@@ -63,6 +61,20 @@ GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
 TEXT_COMPLETION = "text_completion"
+CHAT = "chat"
+
+# HTTP server spans (the stable HTTP semantic conventions)
+HTTP_REQUEST_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
+URL_PATH = "url.path"
+URL_SCHEME = "url.scheme"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+CLIENT_ADDRESS = "client.address"
+NETWORK_PROTOCOL_VERSION = "network.protocol.version"
+USER_AGENT_ORIGINAL = "user_agent.original"
+ERROR_TYPE = "error.type"
 
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_DESTINATION = "messaging.destination.name"
@@ -71,6 +83,8 @@ MESSAGING_MESSAGE_ID = "messaging.message.id"
 MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
 
 REQUEST_ID = "dex.request_id"
+DOOR = "dex.door"                             # grpc | http: which door of the gateway the call came through
+DEX_STATUS = "dex.status"                     # how an HTTP call ended, as a gRPC status name (the one vocabulary)
 RPT = "dex.rpt"
 EXPLORERS = "dex.explorers"
 MODE = "dex.mode"
@@ -85,50 +99,36 @@ NODES_DROPPED = "dex.nodes_dropped"
 
 
 # ---- set-up --------------------------------------------------------------------
-def exporting_enabled(env: Mapping[str, str] = os.environ) -> bool:
-    """An OTLP endpoint is configured and the SDK is not switched off."""
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
-        return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
-
-
-def _exporter(env: Mapping[str, str]):
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "grpc").strip().lower()
-    if protocol.startswith("http"):
+def _exporter(settings: TracingSettings):
+    if settings.protocol.startswith("http"):
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
         except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s needs opentelemetry-exporter-otlp-proto-http; "
-                        "exporting over OTLP/gRPC instead", protocol)
+            log.warning("OTLP protocol %s needs opentelemetry-exporter-otlp-proto-http; exporting over OTLP/gRPC "
+                        "instead", settings.protocol)
         else:
-            return HttpExporter()
+            return HttpExporter(endpoint=settings.endpoint)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    # The SDK reads os.environ; an explicit mapping (tests, the benchmark) is passed through.
-    return OTLPSpanExporter(endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return OTLPSpanExporter(endpoint=settings.endpoint)
 
 
-def setup_tracing(default_service: str, env: Mapping[str, str] = os.environ, set_global: bool = True):
+def setup_tracing(settings: TracingSettings, set_global: bool = True):
     """An SDK TracerProvider exporting over OTLP with a BatchSpanProcessor, or
-    None when exporting is off. `service.name` is OTEL_SERVICE_NAME, else
-    `default_service` (`dexserve-gateway` / `dexserve-worker`)."""
-    if not exporting_enabled(env):
+    None when exporting is off (no endpoint). `service.name` is the settings'."""
+    if not settings.exporting:
         return None
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or default_service})
-    limits = SpanLimits(max_events=None if env.get("OTEL_SPAN_EVENT_COUNT_LIMIT") else DEFAULT_MAX_EVENTS)
-    provider = TracerProvider(resource=resource, span_limits=limits)
-    delay = env.get("OTEL_BSP_SCHEDULE_DELAY")
-    provider.add_span_processor(BatchSpanProcessor(_exporter(env), schedule_delay_millis=float(delay) if delay else None))
+    resource = Resource.create({SERVICE_NAME: settings.service_name})
+    provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_events=settings.max_events))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(settings)))
     if set_global:
         trace.set_tracer_provider(provider)
-    log.info("tracing: exporting spans of %s over OTLP", resource.attributes.get(SERVICE_NAME))
+    log.info("tracing: exporting spans of %s over OTLP to %s", resource.attributes.get(SERVICE_NAME),
+             settings.endpoint)
     return provider
 
 

@@ -14,15 +14,17 @@ exactly as the Deployment created it. Starting state is unknown, so the first ca
 patches - this clears annotations left behind by a crashed container of the same pod.
 
 Outside a cluster (no KUBERNETES_SERVICE_HOST, or no DEX_POD_NAME/DEX_POD_NAMESPACE from
-the downward API) the guard is a no-op. API errors are logged and swallowed: losing the
+the downward API) the guard is a no-op. The CLI edge (`dex worker`) reads those variables
+into a `PodRef` (`PodRef.from_env(os.environ)`), part of the worker's settings. API errors are logged and swallowed: losing the
 hint must never take down a worker. RBAC needed: get+patch on pods in the namespace.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,21 @@ BUSY_PATCH: dict[str, Any] = {
     "metadata": {"annotations": {DELETION_COST: BUSY_DELETION_COST, DO_NOT_DISRUPT: "true"}}
 }
 IDLE_PATCH: dict[str, Any] = {"metadata": {"annotations": {DELETION_COST: None, DO_NOT_DISRUPT: None}}}
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The worker's own pod, as the chart's downward-API environment names it."""
+
+    name: str = ""
+    namespace: str = ""
+    in_cluster: bool = False      # KUBERNETES_SERVICE_HOST is set
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "PodRef":
+        """Called at the CLI edge with the process environment."""
+        return cls(env.get("DEX_POD_NAME", ""), env.get("DEX_POD_NAMESPACE", ""),
+                   bool(env.get("KUBERNETES_SERVICE_HOST")))
 
 
 class PodGuard:
@@ -69,11 +86,15 @@ class PodGuard:
         return self._state
 
     @classmethod
-    def from_env(cls, environ: Optional[dict[str, str]] = None) -> "PodGuard":
+    def from_env(cls, environ: Mapping[str, str]) -> "PodGuard":
+        """`for_pod` of the pod this environment names."""
+        return cls.for_pod(PodRef.from_env(environ))
+
+    @classmethod
+    def for_pod(cls, pod: PodRef) -> "PodGuard":
         """Enabled only inside a cluster with the downward-API env the chart sets."""
-        env = os.environ if environ is None else environ
-        name, namespace = env.get("DEX_POD_NAME", ""), env.get("DEX_POD_NAMESPACE", "")
-        if not env.get("KUBERNETES_SERVICE_HOST") or not name or not namespace:
+        name, namespace = pod.name, pod.namespace
+        if not pod.in_cluster or not name or not namespace:
             log.info("PodGuard disabled: not running in a cluster with DEX_POD_NAME/DEX_POD_NAMESPACE")
             return cls()
         try:

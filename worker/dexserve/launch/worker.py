@@ -8,10 +8,13 @@ import logging
 import os
 import signal
 
-from dexserve.commands.options import add_queue_arguments, queue_from_args
+from dexserve.commands.options import add_queue_arguments, add_telemetry_arguments, queue_from_args, telemetry_from_args
 from dexserve.launch.engine_options import add_engine_arguments as add_dex_engine_arguments
 from dexserve.launch.engine_options import engine_config
 from dexserve.launch.engine_options import engine_flags as dex_engine_flags
+from dexserve.kube.pod_guard import PodRef
+from dexserve.telemetry.endpoint import WORKER_METRICS_PORT
+from dexserve.telemetry.tracing import WORKER_SERVICE
 from dexserve.worker.settings import StandinOptions, WorkerSettings
 
 HELP = "Run one worker process."
@@ -48,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=float(os.environ.get("DEX_SHUTDOWN_GRACE_S", 30)),
                         help="seconds to finish held requests after SIGTERM before handing them back")
     parser.add_argument("--log-level", default=os.environ.get("DEX_LOG_LEVEL", "INFO"))
+    add_telemetry_arguments(parser, WORKER_SERVICE, WORKER_METRICS_PORT)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -56,7 +60,8 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(model=args.model, engine=args.engine, engine_config=engine_config(args),
                           standin=StandinOptions(args.standin_delay, args.standin_poison, args.standin_logprobs),
                           redis_url=args.redis_url,
-                          names=names, queue=queue, grace_s=args.grace, log_level=args.log_level, **extra)
+                          names=names, queue=queue, grace_s=args.grace, log_level=args.log_level,
+                          telemetry=telemetry_from_args(args), pod=PodRef.from_env(os.environ), **extra)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +79,7 @@ def run_worker(settings: WorkerSettings) -> int:
     from dexserve.worker.loop import Worker, default_pod_guard
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    telemetry = start_worker_telemetry()       # /healthz is 503 until the engine has loaded
+    telemetry = start_worker_telemetry(settings.telemetry)   # /healthz is 503 until the engine has loaded
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
@@ -84,7 +89,7 @@ def run_worker(settings: WorkerSettings) -> int:
     except TRANSIENT as exc:                             # Redis down at start: the loop reconnects
         log.warning("redis unavailable at start (%s); the heartbeat publishes the card once it is back", exc)
     worker = Worker(engine, queue,
-                    observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(),
+                    observer=telemetry.observer(engine, settings.names), pod_guard=default_pod_guard(settings.pod),
                     grace_s=settings.grace_s)
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())

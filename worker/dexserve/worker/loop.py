@@ -34,15 +34,17 @@ class _NoGuard:
     def mark_idle(self) -> None: ...
 
 
-def default_pod_guard():
-    """PodGuard (dexserve.kube.pod_guard) protects a busy pod from scale-down;
-    outside Kubernetes, or before that module exists, a no-op."""
+def default_pod_guard(pod=None):
+    """PodGuard (dexserve.kube.pod_guard) protects a busy pod (`pod`: the settings' `PodRef`)
+    from scale-down; outside Kubernetes, or before that module exists, a no-op."""
+    if pod is None:
+        return _NoGuard()
     try:
         from dexserve.kube.pod_guard import PodGuard
     except ImportError:
         return _NoGuard()
     try:
-        return PodGuard.from_env()
+        return PodGuard.for_pod(pod)
     except Exception:  # a guard that cannot start must not stop the worker
         log.exception("PodGuard unavailable; continuing without it")
         return _NoGuard()
@@ -53,6 +55,7 @@ class Held:
     entry: Entry
     attempt: int
     started: float
+    rounds: int = 0          # engine rounds this request took part in (its usage's `dex.rounds`)
 
 
 class Worker:
@@ -221,6 +224,8 @@ class Worker:
                                 cancel=True)
             return
         now = time.time_ns()
+        for held in self.held.values():      # every request the engine holds takes part in each round
+            held.rounds += 1
         events: dict[str, pb.StreamEvent] = {}
 
         def event(rid: str) -> pb.StreamEvent:
@@ -236,7 +241,7 @@ class Worker:
             event(rid).tokens.extend(token_messages(toks))
         done: dict[str, bytes] = {}
         for fin in result.finished:
-            event(fin.request_id).finish.CopyFrom(finish_message(fin))
+            event(fin.request_id).finish.CopyFrom(finish_message(fin, self._dex_usage(fin.request_id)))
             if fin.request_id in self.held:
                 done[fin.request_id] = self.held[fin.request_id].entry.entry_id
         watch = [rid for rid in self.held if rid not in done]
@@ -248,6 +253,15 @@ class Worker:
             self._release(fin.request_id, fin)
         if cancelled:
             self._cancel(cancelled)
+
+    def _dex_usage(self, rid: str) -> pb.DexUsage | None:
+        """How the engine decoded a held request: its explorers and mode, and the rounds it took part
+        in (counted here, one per `engine.step()` while held, so RPT = rounds / completion tokens)."""
+        held = self.held.get(rid)
+        if held is None:
+            return None
+        info = self.engine.info
+        return pb.DexUsage(explorers=info.explorers, rounds=held.rounds, mode=info.mode or info.engine)
 
     def _engine_failed(self, exc: EngineFailure, cancel: bool = False) -> None:
         """The engine lost its requests (an explorer died) and restarted: each
@@ -274,7 +288,7 @@ class Worker:
                 continue
             fin = fin or Finished(rid, FinishReason.CANCELLED, 0, 0)
             events[rid] = pb.StreamEvent(attempt=held.attempt, commit_unix_nanos=time.time_ns(),
-                                         finish=finish_message(fin))
+                                         finish=finish_message(fin, self._dex_usage(rid)))
             done[rid] = held.entry.entry_id
             fins.append(fin)
         self._publish(events, done, [])

@@ -12,7 +12,11 @@ from typing import Literal
 
 from dexserve.commands.options import DEFAULT_REDIS_URL
 from dexserve.engine.config import EngineConfig
+from dexserve.kube.pod_guard import PodRef
 from dexserve.queue.protocol import QueueNames, QueueSettings, consumer_name
+from dexserve.telemetry.endpoint import WORKER_METRICS_PORT
+from dexserve.telemetry.settings import TelemetrySettings, TracingSettings
+from dexserve.telemetry.tracing import WORKER_SERVICE
 
 EngineKind = Literal["dex", "standin"]
 
@@ -38,3 +42,6 @@ class WorkerSettings:
     consumer: str = field(default_factory=lambda: consumer_name(socket.gethostname(), os.getpid()))
     grace_s: float = 30.0                              # after SIGTERM: finish held requests, then hand back
     log_level: str = "INFO"
+    telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(
+        TracingSettings(WORKER_SERVICE), metrics_port=WORKER_METRICS_PORT))   # spans off; metrics on :9465
+    pod: PodRef = field(default_factory=PodRef)        # the pod to guard from scale-down while busy (none outside k8s)
