@@ -410,7 +410,7 @@ def test_readme_values_table_covers_values_yaml() -> None:
     assert not missing, f"README values table lacks: {missing}"
 
 
-@pytest.mark.parametrize("sets, want", [((), ("512", "1024")),
+@pytest.mark.parametrize("sets, want", [((), ("0", "1024")),   # 0: the model's own context, read by both
                                         (("serving.maxContext=2048", "serving.maxNewTokens=300"), ("2048", "300"))])
 def test_gateway_and_workers_get_the_same_serving_limits(sets, want) -> None:
     """One value, the same DEX_MAX_* environment in both roles (read by dexserve.commands.options)."""

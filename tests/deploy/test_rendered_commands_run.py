@@ -135,7 +135,7 @@ def test_rendered_gateway_and_worker_serve_a_request(private_redis, tmp_path, va
     gateway = None
     try:
         _wait(lambda: client.exists(names.model_card()) and list(client.scan_iter(names.workers_pattern())),
-              "worker ready (model card published, heartbeat)", [worker], [wk_log], 120)
+              "worker ready (model card published, heartbeat)", [worker], [wk_log], 300)
         gateway = _start(gw_c, gw_env, gw_log)
         _wait(lambda: b"listening" in gw_log.read_bytes(), "gateway listening", [gateway, worker], [gw_log, wk_log], 60)
         chunks = list(stream_generate(f"127.0.0.1:{port}", "def add(a, b):", token=token, timeout=60,

@@ -59,7 +59,7 @@ def test_explorers_beyond_layer_count(tiny_dirs):
 
 def test_width_below_one(tiny_dirs):
     with pytest.raises(ValueError, match="width"):
-        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(width=0))
+        DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(width=-1))   # (0 is auto)
 
 
 def test_bad_mode(tiny_dirs):

@@ -75,3 +75,16 @@ def test_auto_sizing_on_a_missing_gpu_says_so(tiny_dirs, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
         DexEngine.load(str(tiny_dirs["llama"]), EngineConfig(explorers=2, max_context=64, device="cuda"))
+
+
+def test_host_memory_without_proc_or_under_a_cgroup_limit(monkeypatch):
+    from dexserve.engine import memory
+
+    files = {"/proc/meminfo": None, "/sys/fs/cgroup/memory.max": "1073741824\n",
+             "/sys/fs/cgroup/memory.current": "536870912\n"}
+    monkeypatch.setattr(memory, "_read", lambda path: files.get(path))
+    avail, where = memory.host_available()            # the container leaves 0.5 GiB
+    assert (avail, where) == (512 << 20, "the cgroup memory limit")
+    files["/sys/fs/cgroup/memory.max"] = "max\n"        # no limit: what the C library reports
+    avail, where = memory.host_available()
+    assert avail > 0 and where == "available pages"

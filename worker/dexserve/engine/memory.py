@@ -11,6 +11,7 @@ free on the device once the weights are in.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,31 @@ def weight_bytes(model_dir: Path, checkpoint_dtype: str | None, dtype: torch.dty
     return on_disk * torch.empty((), dtype=dtype).element_size() // torch.empty((), dtype=stored).element_size()
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def host_available() -> tuple[int, str]:
+    """Bytes this process may still take on the host: the kernel's MemAvailable, or less
+    where a cgroup (a container's memory limit) leaves less."""
+    meminfo = _read("/proc/meminfo")
+    if meminfo:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo.splitlines() if ":" in line}
+        avail, where = info.get("MemAvailable", info.get("MemFree", 0)), "MemAvailable"
+    else:   # no /proc (a chroot): physical pages the C library reports available
+        avail, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available pages"
+    limit, usage = _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+    if limit and usage and limit.strip().isdigit():
+        left = int(limit) - int(usage)
+        if left < avail:
+            avail, where = left, "the cgroup memory limit"
+    return max(0, avail), where
+
+
 def free_memory(device: str) -> tuple[int, str]:
     """Bytes free on `device` now, and where that figure comes from."""
     if device.startswith("cuda"):
@@ -59,9 +85,7 @@ def free_memory(device: str) -> tuple[int, str]:
             raise ValueError(f"device {device!r}: torch sees no CUDA device here")
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return free, f"{device} free memory"
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info["MemAvailable"], "MemAvailable"
+    return host_available()
 
 
 def kv_budget(dims: ModelDims, dtype: torch.dtype, device: str, max_context: int, weights: int,
