@@ -24,6 +24,9 @@ SCRIPTS = {
     "step_scaling": (["--no-compile", "--ks", "1,2", "--widths", "1", "--calls", "5", "--repeats", "1"],
                      lambda d: d["markdown"]),
     "prefill_pipeline": (["--limit", "2", "--passes", "1", "--no-compile"], lambda d: d["ms_per_prompt"]["distributed"]),
+    "prefill_itl": (["--prompt-tokens", "200", "--new-tokens", "40", "--lead-rounds", "4", "--passes", "1",
+                     "--prefill-chunk", "16", "--no-compile"],
+                    lambda d: d["streams_identical_across_settings"] and d["settings"]["prefill_share=1"]),
     "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
                  "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]),
 }

@@ -123,6 +123,14 @@ def main() -> None:
         lines += ["### Prompt prefill: one process against pipelined explorer processes", "",
                   "`python worker/benchmarks/prefill_pipeline.py --out worker/benchmarks/results/prefill-pipeline.json`",
                   "", prefill_table(pp), ""]
+    pi = load("prefill-itl.json")
+    if pi:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from prefill_itl import table as itl_table
+
+        lines += ["### Running streams while a long prompt arrives (chunked prefill)", "",
+                  "`python worker/benchmarks/prefill_itl.py --out worker/benchmarks/results/prefill-itl.json`",
+                  "", itl_table(pi), ""]
     dd = load("bench-k2-distributed-default.json")
     if dd:
         lines += ["### K=2 on two processes with default flags", "",

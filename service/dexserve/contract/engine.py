@@ -34,6 +34,8 @@ class EngineInfo:
     mode: str = ""
     lattice_slots: int = 0
     logprobs: bool = False        # fills TokenEvent.logprob / top_logprobs when a request asks
+    max_batch: int = 0            # requests decoded together (after auto sizing)
+    width: int = 0                # rows per explorer per round (the widest explorer)
 
 
 @runtime_checkable

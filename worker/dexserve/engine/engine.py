@@ -40,6 +40,8 @@ from dexserve.contract.validation import validate_request
 
 log = logging.getLogger(__name__)
 
+PIPELINED_CHUNKS = 64   # prefill chunks one command carries through the explorer processes
+
 
 @dataclass
 class _Active:
@@ -153,8 +155,10 @@ class DexEngine:
         if slots < config.max_batch:
             raise ValueError(f"slots ({slots}) must be at least max_batch ({config.max_batch})")
         # explorers in their own processes pipeline a prompt's chunks (explorer k on chunk c
-        # while k+1 is on c-1): every chunk of a full-context prompt gets its own hidden rows
-        chunks = -(-config.max_context // config.prefill_chunk) if config.executor == "distributed" else 1
+        # while k+1 is on c-1): each chunk in flight gets its own hidden rows (a whole prompt's
+        # worth, up to PIPELINED_CHUNKS; a longer prompt takes several prefill commands)
+        chunks = min(PIPELINED_CHUNKS, -(-config.max_context // config.prefill_chunk)) \
+            if config.executor == "distributed" else 1
         buffers = BufferSpec(max_batch=config.max_batch, max_context=config.max_context, lattice_slots=slots,
                              prefill_rows=config.prefill_chunk, ancestors=K, prefill_chunks=chunks)
         boundaries = even_boundaries(card.num_layers, K)
@@ -342,7 +346,8 @@ class DexEngine:
     def info(self) -> EngineInfo:
         spec = self.executor.spec
         return EngineInfo(model=self.card.name, engine="dex", explorers=spec.explorers, mode=self.config.mode,
-                          lattice_slots=spec.buffers.lattice_slots, logprobs=not spec.null_step)
+                          lattice_slots=spec.buffers.lattice_slots, logprobs=not spec.null_step,
+                          max_batch=spec.buffers.max_batch, width=max(spec.widths))
 
     def close(self) -> None:
         self.executor.close()

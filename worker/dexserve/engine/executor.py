@@ -99,12 +99,14 @@ class StepRunner:
 
     compiled_variants = 0  # graphs compiled in this process so far (all runners)
 
-    def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec, bucketed: bool | None = None) -> None:
-        """`bucketed`: run rounds narrower than `width` (default: the spec's
-        `row_buckets`); prefill runners are not (their chunks are full)."""
+    def __init__(self, step: ExplorerStep, width: int, spec: ExecutorSpec, prefill: bool = False) -> None:
+        """`prefill`: this runner runs prompt chunks (full width, one request's
+        consecutive positions over one shared slice of keys); otherwise lattice
+        rounds, narrowed to their rows as the spec's `row_buckets` says."""
         self.step = step
         self.width = width
-        self.narrow = spec.row_buckets if bucketed is None else bucketed
+        self.prefill = prefill
+        self.narrow = spec.row_buckets and not prefill
         self.device = torch.device(spec.device)
         self.buckets = span_buckets(spec.buffers.max_context)
         self.compile = spec.compile
@@ -166,17 +168,16 @@ class StepRunner:
         (`step.logprob_columns`) after the candidates (built on first use)."""
         if rows is not None and self.narrow:
             inputs = self.prefix(inputs, self.rows_for(rows))
+        if span is None:
+            lo, hi = inputs.lo.cpu().numpy(), inputs.hi.cpu().numpy()
+            span = self.span(chunk_need(lo, hi) if self.prefill else int((hi - lo).max()))
         if self.on_host:
-            if span is None:
-                span = self.span(int((inputs.hi.numpy() - inputs.lo.numpy()).max()))
             # host tensors are the step's inputs as they are: no copies, no keyword arguments
             return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
-                           inputs.hi, inputs.anc, sampled, span, logprobs)
-        if span is None:
-            span = self.span(int((inputs.hi - inputs.lo).max()))
+                           inputs.hi, inputs.anc, sampled, span, logprobs, self.prefill)
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
-            return self.fn(*args, sampled=sampled, span=span, logprobs=logprobs)
+            return self.fn(*args, sampled=sampled, span=span, logprobs=logprobs, prefill=self.prefill)
         variant = (sampled, span, args[0].shape[0], logprobs)
         if variant not in self.graphs:
             self.graphs[variant] = self._capture(variant)
@@ -213,11 +214,11 @@ class StepRunner:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs)
+                self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs, prefill=self.prefill)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs)
+            static_out = self.fn(*static_in, sampled=sampled, span=span, logprobs=logprobs, prefill=self.prefill)
         return graph, static_in, static_out
 
 
@@ -239,8 +240,8 @@ def use_compile_cache(cpu: bool = False) -> None:
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     # CPU: inductor's C++ wrapper instead of its Python one (less per-call host
-    # time; ~1.2x ar tok/s on dexcode-6m). DEX_CPP_WRAPPER=0 turns it off.
-    if cpu and os.environ.get("DEX_CPP_WRAPPER", "1") != "0":
+    # time; ~1.2x ar tok/s on dexcode-6m)
+    if cpu:
         inductor_config.cpp_wrapper = True
 
 
@@ -350,9 +351,15 @@ class RowPacker:
         return self._inputs(m)
 
 
+def chunk_need(lo: np.ndarray, hi: np.ndarray) -> int:
+    """The keys a prompt chunk's shared slice must hold: from its first row's lo to
+    the last row's own key (hi), so the span bucket it needs (`prefill_keys`)."""
+    return int(hi.max() - lo[0] + 1)
+
+
 def prefill_need(m: np.ndarray) -> int:
-    """The longest hi - lo of a prefill chunk's rows (picks its attention span)."""
-    return int((m[:, 6] - m[:, 5]).max())
+    """The attention span a filled prefill chunk needs (picks its bucket)."""
+    return chunk_need(m[:, 5], m[:, 6])
 
 
 def plan_samples(plan: Plan, sampled: Sequence[bool]) -> bool:
@@ -384,7 +391,7 @@ class ReferenceExecutor:
                                        first=(k == 0), device=spec.device, dtype=spec.dtype, hidden=hidden)
                           for k in range(spec.explorers)]
             self.runners = [StepRunner(s, w, spec) for s, w in zip(self.steps, spec.widths)]
-            self.prefill_runners = [StepRunner(s, b.prefill_rows, spec, bucketed=False) for s in self.steps]
+            self.prefill_runners = [StepRunner(s, b.prefill_rows, spec, prefill=True) for s in self.steps]
             warm_up(self.runners, self.prefill_runners)
         # each explorer's rows live in one array for the executor's life; the
         # step reads them through torch views of the same memory

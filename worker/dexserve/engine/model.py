@@ -195,6 +195,23 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.
                "relu": F.relu}
 
 
+def shared_attention(q: torch.Tensor, kv: torch.Tensor, k_base: int, v_base: int, keys: torch.Tensor,
+                     mask: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+    """Attention of rows that share one slice of keys (a prompt chunk: one request's
+    consecutive positions): the slice `keys` [S] is gathered once, not per row, and
+    every row's query heads of a KV head go through one matmul; `mask` [W, S] says
+    which keys each row sees. q [W, heads, head_dim] -> [W, heads * head_dim]."""
+    rows, group, d = q.shape[0], dims.heads // dims.kv_heads, dims.head_dim
+    k = kv[keys + k_base].transpose(0, 1)                      # [kv_heads, S, d]
+    v = kv[keys + v_base].transpose(0, 1)
+    qh = q.view(rows, dims.kv_heads, group, d).permute(1, 0, 2, 3).reshape(dims.kv_heads, rows * group, d)
+    scores = torch.matmul(qh, k.transpose(-1, -2)) * (d ** -0.5)
+    scores = scores.view(dims.kv_heads, rows, group, -1).masked_fill(~mask[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(dims.kv_heads, rows * group, -1)
+    attn = torch.matmul(probs, v).view(dims.kv_heads, rows, group, d)
+    return attn.permute(1, 0, 2, 3).reshape(rows, dims.heads * d)
+
+
 def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
                   kv: torch.Tensor, k_base: int, v_base: int, kv_row: torch.Tensor, keys: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
@@ -203,7 +220,8 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
     (one tensor for all layers, mutated in place: not a view, so a compiled step
     scatters into it instead of copying it). Writes each row's K/V at `kv_row`
     of the layer's buffers, then attends over the buffer rows `keys` [W, S] it
-    may see (`mask` [W, S], True = visible). Shapes are static: W rows, S
+    may see (`mask` [W, S], True = visible), or over one slice `keys` [S] all
+    rows share (a prompt chunk, `shared_attention`). Shapes are static: W rows, S
     gathered keys per row."""
     rows = x.shape[0]
     h = rms_norm(x, lw.input_norm, dims.eps)
@@ -220,14 +238,17 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
     k = k * c + rotate_half(k) * s
     kv.index_copy_(0, torch.cat([kv_row + k_base, kv_row + v_base]), torch.cat([k, v]))
     group = dims.heads // dims.kv_heads
-    qg = q.view(rows, dims.kv_heads, group, dims.head_dim)
-    # [W, kv_heads, S, head_dim]: each row's own keys, so a batched matmul per row
-    k_rows = kv[keys + k_base].transpose(1, 2)
-    v_rows = kv[keys + v_base].transpose(1, 2)
-    scores = torch.matmul(qg, k_rows.transpose(-1, -2)) * (dims.head_dim ** -0.5)
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    attn = torch.matmul(probs, v_rows).reshape(rows, dims.heads * dims.head_dim)
+    if keys.dim() == 1:
+        attn = shared_attention(q, kv, k_base, v_base, keys, mask, dims)
+    else:
+        qg = q.view(rows, dims.kv_heads, group, dims.head_dim)
+        # [W, kv_heads, S, head_dim]: each row's own keys, so a batched matmul per row
+        k_rows = kv[keys + k_base].transpose(1, 2)
+        v_rows = kv[keys + v_base].transpose(1, 2)
+        scores = torch.matmul(qg, k_rows.transpose(-1, -2)) * (dims.head_dim ** -0.5)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        attn = torch.matmul(probs, v_rows).reshape(rows, dims.heads * dims.head_dim)
     x = x + linear(attn, lw.o, lw.o_bias)
     h = rms_norm(x, lw.post_norm, dims.eps)
     gate, up = linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)

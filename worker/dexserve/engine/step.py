@@ -177,19 +177,25 @@ class ExplorerStep(nn.Module):
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
                 request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
-                sampled: bool = True, span: int | None = None, logprobs: bool = False) -> torch.Tensor:
+                sampled: bool = True, span: int | None = None, logprobs: bool = False,
+                prefill: bool = False) -> torch.Tensor:
         """Host-side choices pick the variant, each its own static graph:
         `sampled=False` is the greedy variant (no filtering, no noise), and
         `span` (a bucket from `span_buckets`, at least every row's hi - lo) is
         how many committed rows from `lo` each row gathers for attention, so a
         short context reads a short slice of the KV buffers, not all of it.
         `logprobs` (the final depth, when a request asks): the candidates are
-        followed by the log-probabilities of the readout (see `logprob_columns`)."""
+        followed by the log-probabilities of the readout (see `logprob_columns`).
+        `prefill`: the rows are a prompt chunk, one request's consecutive
+        positions, attending over one shared slice (`prefill_keys`)."""
         if self.first:
             x = self.embed[token]
         else:
             x = self.hidden.index_select(0, slot)
-        keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
+        if prefill:
+            keys, mask = self.prefill_keys(lo, hi, kv_row, span or self.spec.max_context)
+        else:
+            keys, mask = self.visible_keys(lo, hi, anc, span or self.spec.max_context)
         cos = self.cos[position]
         sin = self.sin[position]
         for lw, (k_base, v_base) in zip(self.layers, self.kv_bases):
@@ -226,6 +232,18 @@ class ExplorerStep(nn.Module):
         earlier = torch.ones(A, A, dtype=torch.bool, device=anc.device).tril(-1)
         repeat = ((anc[:, :, None] == anc[:, None, :]) & earlier).any(-1)
         return torch.cat([ctx, anc], dim=1), torch.cat([ctx_mask, ~repeat], dim=1)
+
+    def prefill_keys(self, lo: torch.Tensor, hi: torch.Tensor, kv_row: torch.Tensor,
+                     span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt chunk's keys: one slice [span] of its request's rows from the
+        first row's `lo`, and which of them each row sees: [lo, hi] (its committed
+        rows and itself, written at hi). A padding row sees the slice's first key
+        (finite: a committed row or one written this step), never nothing."""
+        ctx = lo[:1] + self.key_index[:span]
+        real = kv_row != self.spec.kv_scratch
+        mask = torch.where(real[:, None], (ctx[None, :] >= lo[:, None]) & (ctx[None, :] <= hi[:, None]),
+                           self.key_index[None, :span] == 0)
+        return ctx.clamp(max=self.spec.kv_scratch), mask
 
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""

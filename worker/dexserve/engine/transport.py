@@ -103,7 +103,7 @@ class CollectiveTransport:
 # spin-then-block: how long a waiting side polls its shared counter before it
 # sleeps on a semaphore. A round's answer usually comes within a segment's time,
 # and a sleep adds a scheduler wake-up (tens of microseconds) to every round.
-SPIN_S = float(os.environ.get("DEX_SPIN_US", 2000)) / 1e6
+SPIN_S = 2e-3
 
 
 def _fence(lock=threading.Lock()) -> None:
@@ -164,9 +164,6 @@ class SharedMemoryTransport:
         self.sig = shared.sig.numpy()
         self.seq = 0  # the last command sent (coordinator) or taken (explorer)
         self.spin_s = SPIN_S if spin_s is None else spin_s
-        # yield the core between polls: on an idle host sched_yield returns at once; on a busy one
-        # (more runnable processes than cores) a pure spin holds the core the answering peer needs
-        self.crowded = os.environ.get("DEX_SPIN_YIELD", "1") == "1" or world > (os.cpu_count() or 1)
         self.DONE, self.SLEEP, self.COORD_SLEEP = 1, 1 + world, 1 + 2 * world
 
     def _spin(self, ready: Callable[[], bool]) -> bool:
@@ -174,14 +171,15 @@ class SharedMemoryTransport:
             return True
         if self.spin_s <= 0:
             return False
-        clock, yield_ = time.perf_counter, (os.sched_yield if self.crowded else None)
+        # yield the core between polls: on an idle host sched_yield returns at once; on a busy one
+        # (more runnable processes than cores) a pure spin holds the core the answering peer needs
+        clock, yield_ = time.perf_counter, os.sched_yield
         end = clock() + self.spin_s
         while True:
             for _ in range(50):
                 if ready():
                     return True
-                if yield_ is not None:
-                    yield_()
+                yield_()
             if clock() > end:
                 return ready()
 

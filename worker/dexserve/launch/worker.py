@@ -94,7 +94,10 @@ def run_worker(settings: WorkerSettings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     telemetry.set_ready()
-    log.info("worker %s ready (engine %s, queue %s)", settings.consumer, settings.engine, settings.names.requests)
+    info = engine.info
+    log.info("worker %s ready (engine %s, K=%d, batch %d, width %d, context %d; queue %s)", settings.consumer,
+             settings.engine, info.explorers, info.max_batch, info.width, engine.limits.max_context,
+             settings.names.requests)
     try:
         return worker.run()
     finally:

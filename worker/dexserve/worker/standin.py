@@ -64,7 +64,7 @@ class InstantEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(model=self.card.name, engine="standin", logprobs=self.logprobs)
+        return EngineInfo(model=self.card.name, engine="standin", logprobs=self.logprobs, max_batch=self.max_batch)
 
     def close(self) -> None:
         self._active.clear()

@@ -74,7 +74,7 @@ class _Rank:
             step = ExplorerStep(weights, spec.layers(rank), b, cos, sin, spec.candidates,
                                 first=(rank == 0), device=device, dtype=spec.dtype, hidden=hidden)
             runner = StepRunner(step, spec.widths[rank], spec)
-            prefill_runner = StepRunner(step, b.prefill_rows, spec, bucketed=False)
+            prefill_runner = StepRunner(step, b.prefill_rows, spec, prefill=True)
             warm_up([runner], [prefill_runner])
         return cls(rank, spec, step, runner, prefill_runner, PlanCodec(spec), device, transport, payload, cand)
 
