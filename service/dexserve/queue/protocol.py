@@ -118,18 +118,27 @@ class QueueNames:
         return f"{self.prefix}:model-card"
 
 
+# A live worker's held entries are refreshed at least this many times before they may be claimed:
+# a heartbeat or two lost to a slow Redis round trip or a busy CPU never makes a live worker look dead.
+HEARTBEATS_PER_CLAIM = 3
+
+
 @dataclass(frozen=True)
 class QueueSettings:
-    """Timings and bounds. The invariant that matters:
-    heartbeat_interval_s * 1000 < claim_idle_ms, so a live worker refreshes
-    the idle time of what it holds long before anyone may claim it."""
+    """Timings and bounds. The invariant that matters: a live worker refreshes the idle time of
+    what it holds (its heartbeat thread, every heartbeat_interval_s) at least HEARTBEATS_PER_CLAIM
+    times within claim_idle_ms, so only a dead (or frozen) worker's entries are ever claimed.
+
+    Recovery of a killed worker's request takes claim_idle_ms + at most claim_interval_ms (the
+    survivors' XAUTOCLAIM scan) + the restart of the request on the survivor."""
 
     maxlen: int = 1000                 # request stream entries (queued + in flight) before RESOURCE_EXHAUSTED
     token_ttl_s: int = 600             # a token stream outlives its request by this much (late attach, replay)
     idempotency_ttl_s: int = 600       # how long a request id stays attachable
     cancel_ttl_s: int = 600
-    claim_idle_ms: int = 10_000        # an entry idle this long belongs to a dead worker
-    heartbeat_interval_s: float = 2.0
+    claim_idle_ms: int = 3_000         # an entry idle this long belongs to a dead worker
+    claim_interval_ms: int = 500       # how often a worker with a free slot scans for such entries (XAUTOCLAIM)
+    heartbeat_interval_s: float = 0.5  # the heartbeat thread: worker key, model card, idle time of held entries
     heartbeat_ttl_s: int = 10
     max_attempts: int = 3              # deliveries before a request is dead-lettered
     dead_maxlen: int = 10_000
@@ -138,8 +147,13 @@ class QueueSettings:
     resume_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval_s * 1000 >= self.claim_idle_ms:
-            raise ValueError("heartbeat_interval_s must be well below claim_idle_ms")
+        if self.heartbeat_interval_s <= 0 or \
+                self.heartbeat_interval_s * 1000 * HEARTBEATS_PER_CLAIM > self.claim_idle_ms:
+            raise ValueError(f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be positive and at most "
+                             f"claim_idle_ms / {HEARTBEATS_PER_CLAIM} ({self.claim_idle_ms} ms / "
+                             f"{HEARTBEATS_PER_CLAIM}): a live worker must never look dead")
+        if self.claim_interval_ms <= 0:
+            raise ValueError(f"claim_interval_ms ({self.claim_interval_ms}) must be positive")
         if self.resume_grace_s < 0:
             raise ValueError("resume_grace_s must be >= 0")
         if self.max_attempts < 1 or self.maxlen < 1:
