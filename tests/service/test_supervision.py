@@ -213,3 +213,61 @@ def test_an_engine_step_error_fails_its_round_and_the_worker_serves_on(make_gate
         worker.request_stop()
         loop.join(10)
         client.close()
+
+
+def test_a_redis_restart_that_loses_the_data_ends_streams_unavailable_and_retries_complete(
+        make_gateway, workers, names, tmp_path, standin_model):
+    """Redis without persistence restarts empty mid-stream: the request, its token stream and the consumer
+    group are gone. A stream must not wait forever for tokens nobody will publish: a client without
+    retries gets UNAVAILABLE naming the loss; `stream_generate` (retries) sends it again and gets the
+    exact answer, resumed where it was, from the same worker process."""
+    import grpc
+    import pytest
+
+    from dexserve.v1 import dex_pb2 as pb
+
+    from .helpers import stub
+
+    server = EmbeddedRedis(tmp_path / "volatile-redis", persistent=False).start()
+    try:
+        gw = make_gateway(redis_url=server.url, redis_socket_timeout_s=2.0)
+        worker = workers.start("--standin-delay", "0.1", url=server.url)
+        client = redis.Redis.from_url(server.url)
+        workers.wait_ready(client, 1)
+        client.close()
+        result: dict[str, object] = {}
+
+        def plain():
+            ch, dex = stub(gw.address)
+            with ch, pytest.raises(grpc.RpcError) as err:
+                list(dex.Generate(pb.GenerateRequest(prompt="lost one", max_new_tokens=60, request_id="plain-1"),
+                                  timeout=60))
+            result["plain"] = err.value
+
+        def retrying():
+            try:
+                result["retrying"] = collect(stream_generate(gw.address, "found again", max_new_tokens=40,
+                                                             request_id="retrying-1", timeout=60))
+            except Exception as exc:  # reported below
+                result["retrying_error"] = exc
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=retrying)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)                               # a few tokens of each out
+        server.stop(kill=True)
+        server.start()                                # empty: no AOF
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a stream still waits for a request Redis lost"
+        err = result["plain"]
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert "lost by the queue" in err.details() and "send it again" in err.details()
+        assert "retrying_error" not in result, result.get("retrying_error")
+        ids, text, positions, _ = result["retrying"]
+        assert positions == list(range(40))
+        assert (ids, text) == _direct(standin_model, "found again", 40)[:2]
+        assert worker.poll() is None and len(workers.procs) == 1
+    finally:
+        workers.stop_all()
+        server.stop()
