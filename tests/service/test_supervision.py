@@ -100,6 +100,9 @@ class Up:
         raise AssertionError(f"no {needle!r} in:\n{self.output()}")
 
     def worker_pids(self) -> list[int]:
+        return self.children(b"worker")
+
+    def children(self, role: bytes) -> list[int]:
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -107,7 +110,7 @@ class Up:
                 cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue
-            if ppid == self.proc.pid and b"worker" in cmd:
+            if ppid == self.proc.pid and role in cmd:
                 found.append(int(stat.parent.name))
         return found
 
@@ -153,6 +156,30 @@ def test_dex_up_replaces_a_worker_killed_with_minus_9(standin_model, tmp_path):
         for i in range(3):
             ids, text, positions, _ = up.serve(f"after kill {i}", 5)
             assert (ids, text) == _direct(standin_model, f"after kill {i}", 5)[:2] and positions == list(range(5))
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()
+
+
+def test_dex_up_restarts_a_stopped_gateway_and_a_streaming_client_resumes(standin_model, tmp_path):
+    up = Up(standin_model, tmp_path, "--workers", "1", "--standin-delay", "0.05", "--http-port", "0")
+    try:
+        [gateway] = up.children(b"gateway")
+        chunks = []
+        t = threading.Thread(target=lambda: chunks.extend(
+            stream_generate(up.address, "across a gateway restart", max_new_tokens=80, timeout=60, retries=12)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while sum(len(c.token_ids) for c in chunks) < 5:
+            assert time.monotonic() < deadline and t.is_alive(), up.output()
+            time.sleep(0.02)
+        os.kill(gateway, signal.SIGTERM)                     # a rolling restart: it drains, dex up restarts it
+        up.wait_for(f"supervise: gateway pid {gateway} exited (0); started pid", 30)
+        t.join(60)
+        ids, text, positions, _ = collect(chunks)
+        assert positions == list(range(80))
+        assert (ids, text) == _direct(standin_model, "across a gateway restart", 80)[:2]
+        assert up.children(b"gateway") != [gateway]
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
