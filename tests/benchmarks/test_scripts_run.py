@@ -26,6 +26,8 @@ SCRIPTS = {
     "prefill_pipeline": (["--limit", "2", "--passes", "1", "--no-compile"], lambda d: d["ms_per_prompt"]["distributed"]),
     "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
                  "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]),
+    "recovery": (["--trials", "1", "--tokens", "40", "--kill-after", "6", "--engine-args",
+                  "--no-compile --threads 1 --explorers 2 --width 2"], lambda d: d["configs"][0]["trials_s"]),
 }
 
 

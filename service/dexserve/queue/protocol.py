@@ -8,7 +8,8 @@ Keys (prefix `dex` by default; tests use a prefix of their own):
 - `dex:grace:<id>`           Set (PX resume_grace) with the cancel flag when the last client left early:
                              while it lives the worker keeps running the request, and a client that
                              re-attaches (same id and body) deletes both; once it expires the flag applies.
-- `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach).
+- `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach); renewed
+                             while a gateway follows the request, so its absence means Redis lost it.
 - `dex:subs:<id>`            Number of clients attached to the request's token stream.
 - `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
 - `dex:dead`                 Stream of dead-lettered QueuedRequests (attempt set), MAXLEN ~ dead_maxlen.
