@@ -75,19 +75,20 @@ def expectations(args, model: str) -> list[dict]:
 
     prompts = [json.loads(l)["prompt"] for l in (Path(model) / "heldout_prompts.jsonl").read_text().splitlines()
                if l.strip()][:args.prompts]
-    engine = DexEngine.load(model, EngineConfig(mode="ar", explorers=2, width=1, max_batch=1, compile=False))
-    cases = []
+    cases = [{"prompt": prompt, "max_new_tokens": args.max_new_tokens, **sampling, "token_ids": []}
+             for i, prompt in enumerate(prompts)
+             for sampling in ({"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}, {**SAMPLED, "seed": 1000 + i})]
+    batch = 8       # requests decoded together (each one's tokens do not depend on its neighbours)
+    engine = DexEngine.load(model, EngineConfig(mode="ar", explorers=2, width=1, max_batch=batch, compile=False))
     try:
-        for i, prompt in enumerate(prompts):
-            for sampling in ({"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
-                             {**SAMPLED, "seed": 1000 + i}):
-                req = GenerationRequest(f"expect-{len(cases)}", prompt, args.max_new_tokens, SamplingParams(**sampling))
-                engine.add(req)
-                ids = []
-                while engine.active:
-                    res = engine.step()
-                    ids.extend(t.token_id for t in res.tokens if t.request_id == req.request_id)
-                cases.append({"prompt": prompt, "max_new_tokens": args.max_new_tokens, **sampling, "token_ids": ids})
+        for lo in range(0, len(cases), batch):
+            for n, case in enumerate(cases[lo:lo + batch], lo):
+                engine.add(GenerationRequest(str(n), case["prompt"], case["max_new_tokens"],
+                                             SamplingParams(**{k: case[k] for k in ("temperature", "top_k", "top_p",
+                                                                                    "seed")})))
+            while engine.active:
+                for t in engine.step().tokens:
+                    cases[int(t.request_id)]["token_ids"].append(t.token_id)
     finally:
         engine.close()
     return cases
