@@ -171,12 +171,14 @@ def observed_gateway(redis_server, names, standin_model):
 
 
 def _publish(rclient, names, rid, attempt, tokens, finish=False):
-    """Play a worker: one event of `attempt` with (index, token id) pairs."""
+    """Play a worker: one event of `attempt` with (index, token id) pairs; the finish counts every
+    token of the attempt (the last index + 1)."""
     ev = pb.StreamEvent(attempt=attempt, commit_unix_nanos=time.time_ns(),
                         tokens=[pb.TokenMessage(index=i, token_id=t, text=f"<{t}>") for i, t in tokens])
     if finish:
         ev.finish.CopyFrom(pb.FinishMessage(reason=pb.FINISH_REASON_LENGTH,
-                                            usage=pb.Usage(prompt_tokens=1, completion_tokens=len(tokens))))
+                                            usage=pb.Usage(prompt_tokens=1,
+                                                           completion_tokens=tokens[-1][0] + 1 if tokens else 0)))
     rclient.xadd(names.tokens(rid), {EVENT_FIELD: ev.SerializeToString()})
 
 
@@ -227,6 +229,25 @@ def test_a_restart_that_diverges_ends_the_stream_aborted_never_spliced(observed_
         time.sleep(0.05)
     events = {e.name: e.attributes for e in spans[0].events}
     assert events[DIVERGENCE_EVENT]["dex.position"] == 1 and events[DIVERGENCE_EVENT]["dex.attempt"] == 2
+
+
+def test_the_end_of_an_attempt_whose_start_is_missing_does_not_end_the_stream_with_a_gap(observed_gateway,
+                                                                                          rclient, names):
+    """Redis lost its data while an attempt ran; the attempt published on into a fresh token stream
+    (positions 3.. and its finish). Ending the stream there would skip positions 0-2: the gateway waits
+    for the attempt that restarts the request from 0."""
+    gw, _exporter, registry = observed_gateway
+    rid = "gap-" + uuid.uuid4().hex[:6]
+    ch, s = stub(gw.address)
+    with ch:
+        call = s.Generate(build_request("x", max_new_tokens=5, request_id=rid), timeout=30)
+        _wait_enqueued(rclient, names)
+        _publish(rclient, names, rid, 1, [(3, 13), (4, 14)], finish=True)     # the old attempt's tail
+        _publish(rclient, names, rid, 1, [(0, 10), (1, 11), (2, 12)])         # the request, sent again
+        _publish(rclient, names, rid, 1, [(3, 13), (4, 14)], finish=True)
+        ids, text, positions, reason = collect(call)
+    assert ids == [10, 11, 12, 13, 14] and positions == list(range(5)) and reason == pb.FINISH_REASON_LENGTH
+    assert not registry.get_sample_value("dex_gateway_divergences_total")
 
 
 # ---- the same on the HTTP door ------------------------------------------------------------------------

@@ -62,3 +62,27 @@ def test_lag_counts_undelivered_entries_without_xinfo_lag(rclient, names):
     assert group_lag(rclient, names) == 3
     q.read_new(1, None)
     assert group_lag(rclient, names) == 2
+
+
+def test_settings_refuse_a_heartbeat_that_could_let_a_live_worker_look_dead():
+    import pytest
+
+    from dexserve.queue.protocol import HEARTBEATS_PER_CLAIM
+
+    QueueSettings(claim_idle_ms=1500, heartbeat_interval_s=1500 / 1000 / HEARTBEATS_PER_CLAIM)   # the limit
+    with pytest.raises(ValueError, match="heartbeat_interval_s"):
+        QueueSettings(claim_idle_ms=1000, heartbeat_interval_s=0.5)
+    with pytest.raises(ValueError, match="claim_interval_ms"):
+        QueueSettings(claim_interval_ms=0)
+    d = QueueSettings()
+    assert d.claim_idle_ms <= 3000 and d.claim_interval_ms <= d.claim_idle_ms / 4
+
+
+def test_heartbeat_of_a_worker_whose_group_vanished_owns_nothing(rclient, names):
+    """Redis came back without its data: the group is gone, so the worker holds nothing any more."""
+    a = WorkerQueue(rclient, names, FAST, "a")
+    a.ensure_group()
+    _enqueue(rclient, names, "x")
+    [entry] = a.read_new(1, None)
+    rclient.delete(names.requests)
+    assert a.heartbeat([entry.entry_id]) == set()

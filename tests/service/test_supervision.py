@@ -100,6 +100,9 @@ class Up:
         raise AssertionError(f"no {needle!r} in:\n{self.output()}")
 
     def worker_pids(self) -> list[int]:
+        return self.children(b"worker")
+
+    def children(self, role: bytes) -> list[int]:
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -107,7 +110,7 @@ class Up:
                 cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue
-            if ppid == self.proc.pid and b"worker" in cmd:
+            if ppid == self.proc.pid and role in cmd:
                 found.append(int(stat.parent.name))
         return found
 
@@ -153,6 +156,30 @@ def test_dex_up_replaces_a_worker_killed_with_minus_9(standin_model, tmp_path):
         for i in range(3):
             ids, text, positions, _ = up.serve(f"after kill {i}", 5)
             assert (ids, text) == _direct(standin_model, f"after kill {i}", 5)[:2] and positions == list(range(5))
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()
+
+
+def test_dex_up_restarts_a_stopped_gateway_and_a_streaming_client_resumes(standin_model, tmp_path):
+    up = Up(standin_model, tmp_path, "--workers", "1", "--standin-delay", "0.05", "--http-port", "0")
+    try:
+        [gateway] = up.children(b"gateway")
+        chunks = []
+        t = threading.Thread(target=lambda: chunks.extend(
+            stream_generate(up.address, "across a gateway restart", max_new_tokens=80, timeout=60, retries=12)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while sum(len(c.token_ids) for c in chunks) < 5:
+            assert time.monotonic() < deadline and t.is_alive(), up.output()
+            time.sleep(0.02)
+        os.kill(gateway, signal.SIGTERM)                     # a rolling restart: it drains, dex up restarts it
+        up.wait_for(f"supervise: gateway pid {gateway} exited (0); started pid", 30)
+        t.join(60)
+        ids, text, positions, _ = collect(chunks)
+        assert positions == list(range(80))
+        assert (ids, text) == _direct(standin_model, "across a gateway restart", 80)[:2]
+        assert up.children(b"gateway") != [gateway]
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
@@ -213,3 +240,61 @@ def test_an_engine_step_error_fails_its_round_and_the_worker_serves_on(make_gate
         worker.request_stop()
         loop.join(10)
         client.close()
+
+
+def test_a_redis_restart_that_loses_the_data_ends_streams_unavailable_and_retries_complete(
+        make_gateway, workers, names, tmp_path, standin_model):
+    """Redis without persistence restarts empty mid-stream: the request, its token stream and the consumer
+    group are gone. A stream must not wait forever for tokens nobody will publish: a client without
+    retries gets UNAVAILABLE naming the loss; `stream_generate` (retries) sends it again and gets the
+    exact answer, resumed where it was, from the same worker process."""
+    import grpc
+    import pytest
+
+    from dexserve.v1 import dex_pb2 as pb
+
+    from .helpers import stub
+
+    server = EmbeddedRedis(tmp_path / "volatile-redis", persistent=False).start()
+    try:
+        gw = make_gateway(redis_url=server.url, redis_socket_timeout_s=2.0)
+        worker = workers.start("--standin-delay", "0.1", url=server.url)
+        client = redis.Redis.from_url(server.url)
+        workers.wait_ready(client, 1)
+        client.close()
+        result: dict[str, object] = {}
+
+        def plain():
+            ch, dex = stub(gw.address)
+            with ch, pytest.raises(grpc.RpcError) as err:
+                list(dex.Generate(pb.GenerateRequest(prompt="lost one", max_new_tokens=60, request_id="plain-1"),
+                                  timeout=60))
+            result["plain"] = err.value
+
+        def retrying():
+            try:
+                result["retrying"] = collect(stream_generate(gw.address, "found again", max_new_tokens=40,
+                                                             request_id="retrying-1", timeout=60))
+            except Exception as exc:  # reported below
+                result["retrying_error"] = exc
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=retrying)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)                               # a few tokens of each out
+        server.stop(kill=True)
+        server.start()                                # empty: no AOF
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a stream still waits for a request Redis lost"
+        err = result["plain"]
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert "lost by the queue" in err.details() and "send it again" in err.details()
+        assert "retrying_error" not in result, result.get("retrying_error")
+        ids, text, positions, _ = result["retrying"]
+        assert positions == list(range(40))
+        assert (ids, text) == _direct(standin_model, "found again", 40)[:2]
+        assert worker.poll() is None and len(workers.procs) == 1
+    finally:
+        workers.stop_all()
+        server.stop()

@@ -46,9 +46,12 @@ if want 4; then
     --concurrency 1 4 16 --tokens 64 --max-batch 16 --json > "$OUT/service-doors.json"
 fi
 
-# 5. tracing overhead on the shipped model
+# 5. tracing overhead on the shipped model; recovery after a killed worker (kill -9 -> next token)
 if want 5; then
 "$BIN/python" worker/benchmarks/tracing_overhead.py --repeats 5 --max-new-tokens 64 --json "$OUT/tracing-overhead.json"
+"$BIN/python" worker/benchmarks/recovery.py --trials 5 \
+    --config "before=--claim-idle-ms 10000 --claim-interval-ms 5000 --heartbeat-interval 2" --config after= \
+    --out "$OUT/recovery.json"
 fi
 
 # 6. per-depth agreement of the shipped model's readouts with its final token

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.contract.model_card import ModelCard
-from dexserve.queue.protocol import QueueNames, QueueSettings
+from dexserve.queue.protocol import HEARTBEATS_PER_CLAIM, QueueNames, QueueSettings
 from dexserve.telemetry.settings import (DEFAULT_MAX_EVENTS, DEFAULT_METRICS_HOST, OTLP_PROTOCOLS, TelemetrySettings,
                                          TracingSettings)
 
@@ -37,9 +37,16 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-maxlen", type=int, default=_env_int("DEX_QUEUE_MAXLEN", d.maxlen),
                    help="requests queued or in flight before RESOURCE_EXHAUSTED (env DEX_QUEUE_MAXLEN)")
     g.add_argument("--claim-idle-ms", type=int, default=_env_int("DEX_CLAIM_IDLE_MS", d.claim_idle_ms),
-                   help="idle time after which a held request is claimed from its (dead) worker")
+                   help="idle time after which a held request is claimed from its (dead) worker "
+                        f"(env DEX_CLAIM_IDLE_MS; default {d.claim_idle_ms})")
+    g.add_argument("--claim-interval-ms", type=int, default=_env_int("DEX_CLAIM_INTERVAL_MS", d.claim_interval_ms),
+                   help="how often a worker with a free slot looks for such requests "
+                        f"(env DEX_CLAIM_INTERVAL_MS; default {d.claim_interval_ms})")
     g.add_argument("--heartbeat-interval", type=float,
-                   default=float(os.environ.get("DEX_HEARTBEAT_INTERVAL", d.heartbeat_interval_s)))
+                   default=float(os.environ.get("DEX_HEARTBEAT_INTERVAL", d.heartbeat_interval_s)),
+                   help="seconds between a worker's heartbeats, which keep what it holds from being claimed; "
+                        f"at most claim-idle-ms / {HEARTBEATS_PER_CLAIM} "
+                        f"(env DEX_HEARTBEAT_INTERVAL; default {d.heartbeat_interval_s})")
     g.add_argument("--max-attempts", type=int, default=_env_int("DEX_MAX_ATTEMPTS", d.max_attempts),
                    help="deliveries before a request is dead-lettered")
     g.add_argument("--token-ttl", type=int, default=_env_int("DEX_TOKEN_TTL_S", d.token_ttl_s))
@@ -51,7 +58,7 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
 
 def queue_from_args(args: argparse.Namespace) -> tuple[QueueNames, QueueSettings]:
     settings = QueueSettings(
-        maxlen=args.queue_maxlen, claim_idle_ms=args.claim_idle_ms,
+        maxlen=args.queue_maxlen, claim_idle_ms=args.claim_idle_ms, claim_interval_ms=args.claim_interval_ms,
         heartbeat_interval_s=args.heartbeat_interval, max_attempts=args.max_attempts,
         token_ttl_s=args.token_ttl, idempotency_ttl_s=args.token_ttl, resume_grace_s=args.resume_grace,
         heartbeat_ttl_s=max(2, int(args.heartbeat_interval * 5)))
@@ -62,6 +69,7 @@ def queue_flags(args: argparse.Namespace) -> list[str]:
     """The same settings as flags, for processes `dex up` starts."""
     return ["--redis-url", args.redis_url, "--queue-prefix", args.queue_prefix,
             "--queue-maxlen", str(args.queue_maxlen), "--claim-idle-ms", str(args.claim_idle_ms),
+            "--claim-interval-ms", str(args.claim_interval_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--max-attempts", str(args.max_attempts),
             "--token-ttl", str(args.token_ttl), "--resume-grace", str(args.resume_grace)]
 

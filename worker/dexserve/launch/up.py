@@ -17,7 +17,11 @@ hands back whatever it took in between). Each change prints a line
 Without autoscaling, `dex up` keeps --workers workers running: one that dies
 (kill -9, a crash) is replaced, printing `supervise: worker pid P exited (CODE);
 started pid Q` (a worker that keeps dying at start is restarted with backoff,
-RESTART_BACKOFF_S). A Redis outage does not stop the autoscaler: it skips
+RESTART_BACKOFF_S). A gateway that was stopped (SIGTERM: it drains, clients resume
+elsewhere) or killed is restarted on the same addresses, printing `supervise: gateway
+pid P exited (CODE); started pid Q`; one that exits with an error of its own (a bad
+flag, a model the workers do not serve) ends `dex up` with 1.
+A Redis outage does not stop the autoscaler: it skips
 scaling decisions until Redis answers (workers reconnect by themselves).
 Ctrl-C / SIGTERM stops workers first (they finish or hand back), then the
 gateway, then Redis.
@@ -98,6 +102,7 @@ class Stack:
         env = dict(os.environ)
         if args.auth_token:
             env["DEX_AUTH_TOKEN"] = args.auth_token
+        self._gateway_cmd, self._gateway_env = gw_cmd, env
         self.gateway = subprocess.Popen(gw_cmd, env=env)
         for _ in range(args.workers if n_workers is None else n_workers):
             self.add_worker()
@@ -155,7 +160,19 @@ class Stack:
         return True
 
     def healthy(self) -> bool:
-        return self.gateway is not None and self.gateway.poll() is None
+        """A gateway runs: one stopped by a signal (or cleanly, by SIGTERM) is started again on the same
+        addresses (clients reconnect and resume); False when it failed by itself (exit code > 0)."""
+        if self.gateway is None:
+            return False
+        code = self.gateway.poll()
+        if code is None:
+            return True
+        if self.stopping or code > 0:
+            return False
+        old = self.gateway.pid
+        self.gateway = subprocess.Popen(self._gateway_cmd, env=self._gateway_env)
+        print(f"supervise: gateway pid {old} exited ({code}); started pid {self.gateway.pid}", flush=True)
+        return True
 
     def autoscale(self, lo: int, hi: int) -> None:
         import redis as redis_sync

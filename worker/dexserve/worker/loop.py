@@ -5,7 +5,10 @@ first, then new entries), run one `engine.step()` over everything held,
 publish that round's tokens in one pipeline together with acks of finished
 entries and a read of the held requests' cancel flags, and cancel the
 flagged ones before the next round. A heartbeat thread keeps held entries
-fresh; an entry another worker claimed from us is dropped without publishing.
+fresh -- from the moment they are read, through a long `engine.add` (prefill,
+a first-use compile) and every round -- independently of how long the loop's
+own calls take; an entry another worker claimed from us is dropped without
+publishing.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class Worker:
         self.held: dict[str, Held] = {}
         self._lock = threading.Lock()          # guards `held` against the heartbeat thread's snapshot
         self._lost: set[bytes] = set()
+        self._taking: set[bytes] = set()         # read or claimed, not yet in `held` (engine.add may take long)
+        self._last_beat = time.monotonic()       # the heartbeat thread's last successful refresh
         self._stop = threading.Event()           # no new work
         self._exit = threading.Event()           # the loop has ended: heartbeats stop
         self._stop_deadline: float | None = None
@@ -91,6 +96,9 @@ class Worker:
         if self._down_since is not None:
             log.warning("redis reachable again after %.1f s", time.monotonic() - self._down_since)
             self._down_since = None
+            # Every live worker's entries aged while Redis was away: give their owners' heartbeats a
+            # full claim period to refresh them before claiming anything, so only a dead worker's go.
+            self._next_claim = time.monotonic() + self.settings.claim_idle_ms / 1000
         self._backoff = RECONNECT_BACKOFF_S[0]
 
     def _publish(self, events: dict[str, pb.StreamEvent], done: dict[str, bytes], watch: list[str]) -> set[str]:
@@ -151,16 +159,31 @@ class Worker:
     def _take(self) -> None:
         now = time.monotonic()
         if now >= self._next_claim and self.engine.has_capacity():
-            self._next_claim = now + self.settings.claim_idle_ms / 2000
-            for entry in self.queue.claim_stale(count=4):
+            self._next_claim = now + self.settings.claim_interval_ms / 1000
+            entries = self.queue.claim_stale(count=4)
+            self._taken(entries)
+            for entry in entries:
                 self._start(entry, claimed=True)
         while self.engine.has_capacity() and not self._stop.is_set():
-            entries = self.queue.read_new(1, None if self.held else IDLE_BLOCK_MS)
+            entries = self.queue.read_new(1, None if self.held else min(IDLE_BLOCK_MS, self.settings.claim_interval_ms))
             if not entries:
                 return
+            self._taken(entries)
             self._start(entries[0], claimed=False)
 
+    def _taken(self, entries: list[Entry]) -> None:
+        """Entries just read or claimed: the heartbeat refreshes them from now on (until `_start` ends)."""
+        with self._lock:
+            self._taking.update(e.entry_id for e in entries)
+
     def _start(self, entry: Entry, claimed: bool) -> None:
+        try:
+            self._start_entry(entry, claimed)
+        finally:
+            with self._lock:
+                self._taking.discard(entry.entry_id)
+
+    def _start_entry(self, entry: Entry, claimed: bool) -> None:
         if entry.request is None:
             self.queue.dead_letter(entry, 0, f"undecodable queue entry {entry.entry_id!r}")
             return
@@ -192,7 +215,7 @@ class Worker:
             self.observer.on_request_failed(rid, ErrorCode.INVALID_ARGUMENT, str(exc))
             return
         except Exception:
-            # Left pending and not refreshed: claimed again after claim_idle_ms,
+            # Left pending and (once `_start` returns) not refreshed: claimed again after claim_idle_ms,
             # which counts an attempt, so a request that always fails is dead-lettered.
             log.exception("engine refused %s (attempt %d); leaving it for a retry", rid, attempt)
             return
@@ -305,17 +328,29 @@ class Worker:
 
     # ---- ownership -------------------------------------------------------
     def _heartbeat_loop(self) -> None:
+        """Its own thread, so a long engine call (a prefill, a first-use compile, a slow round:
+        torch releases the GIL, and Python code yields it every few ms) never delays it."""
+        failed = False
         while not self._exit.wait(self.settings.heartbeat_interval_s):
             with self._lock:
-                ids = [h.entry.entry_id for h in self.held.values()]
+                ids = [h.entry.entry_id for h in self.held.values()] + list(self._taking)
             try:
                 owned = self.queue.heartbeat(ids)
             except TRANSIENT as exc:   # the loop logs the outage once and reconnects
                 log.debug("heartbeat failed: %s", exc)
+                failed = True
                 continue
             except Exception:
                 log.exception("heartbeat failed")
+                failed = True
                 continue
+            now = time.monotonic()
+            late, self._last_beat = now - self._last_beat, now
+            if not failed and late * 1000 > self.settings.claim_idle_ms / 2:
+                log.warning("heartbeat came %.1f s after the previous one (claim idle %d ms): this process "
+                            "is starved of CPU; its requests may be claimed by another worker", late,
+                            self.settings.claim_idle_ms)
+            failed = False
             lost = set(ids) - owned
             if lost:
                 with self._lock:
