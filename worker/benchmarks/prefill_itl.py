@@ -16,9 +16,12 @@ time to first token:
 - `prefill_share 1` (the default): chunks between rounds, at most about one
   round's time of prefill per round.
 
-Passes take turns; the first pass of each setting only warms up (compiles);
-the median of the others is reported. The four streams' tokens are compared
-across settings and must be identical.
+A third setting runs the four streams with no long prompt at all: the gaps
+DEX streams have by themselves (a token whose proposal was refused takes
+several rounds), against which the others compare. Passes take turns; the
+first pass of each setting only warms up (compiles); the median of the others
+is reported. The four streams' tokens are compared across settings and must be
+identical.
 
 The shipped model has 1,024 positions. For a 2,000-token prompt the script
 runs its weights with `max_position_embeddings` raised (a copy of its
@@ -69,16 +72,16 @@ def long_prompt(eng: DexEngine, texts: list[str], tokens: int) -> tuple[int, ...
     return tuple(ids[:tokens])
 
 
-def scenario(eng: DexEngine, prompts: list[str], long_ids: tuple[int, ...], new: int, lead: int) -> dict:
-    """Four streams; after `lead` rounds the long request arrives. Returns each stream's
-    commit times and tokens, and the long request's TTFT."""
+def scenario(eng: DexEngine, prompts: list[str], long_ids: tuple[int, ...] | None, new: int, lead: int) -> dict:
+    """Four streams; after `lead` rounds the long request arrives (none: the baseline).
+    Returns each stream's commit times and tokens, and the long request's TTFT."""
     times: dict[str, list[float]] = {f"s{i}": [] for i in range(STREAMS)}
     tokens: dict[str, list[int]] = {rid: [] for rid in times}
     for i, rid in enumerate(times):
         eng.add(GenerationRequest(rid, prompt=prompts[i % len(prompts)], max_new_tokens=new, ignore_eos=True))
     rounds, admitted, ttft = 0, None, None
     while eng.active:
-        if rounds == lead:
+        if rounds == lead and long_ids:
             admitted = time.perf_counter()
             eng.add(GenerationRequest("long", prompt_ids=long_ids, max_new_tokens=8, ignore_eos=True))
         res = eng.step()
@@ -103,39 +106,43 @@ def summary(run: dict) -> dict:
     return {"itl_p50_ms": round(1e3 * p50, 3),
             "itl_p99_ms": round(1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3),
             "worst_gap_ms": round(1e3 * gaps[-1], 3), "worst_over_median": round(gaps[-1] / p50, 2),
-            "long_ttft_ms": round(1e3 * run["ttft_s"], 1)}
+            "long_ttft_ms": round(1e3 * run["ttft_s"], 1) if run["ttft_s"] is not None else None}
 
 
 def measure(args) -> dict:
     card = ModelCard.load(args.model)
     prompts = load_prompts(card.path / "heldout_prompts.jsonl", STREAMS)
     context = args.prompt_tokens + 8 + 64
-    shares = (0.0, args.share)
+    # (setting name, prefill_share, whether the long prompt arrives)
+    settings = [("no long prompt", args.share, False), ("prefill_share=0", 0.0, True),
+                (f"prefill_share={args.share:g}", args.share, True)]
     with tempfile.TemporaryDirectory() as tmp:
         model = long_context_copy(card, context, Path(tmp))
-        engines = {s: DexEngine.load(model, EngineConfig(
-            max_batch=STREAMS + 1, max_context=context, compile=args.compile, prefill_share=s,
-            prefill_chunk=args.prefill_chunk)) for s in shares}
+        engines = {share: DexEngine.load(model, EngineConfig(
+            mode=args.mode, max_batch=STREAMS + 1, max_context=context, compile=args.compile, prefill_share=share,
+            prefill_chunk=args.prefill_chunk)) for share in {0.0, args.share}}
         try:
             long_ids = long_prompt(engines[0.0], prompts, args.prompt_tokens)
-            runs: dict[float, list[dict]] = {s: [] for s in shares}
+            runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
             for p in range(args.passes + 1):        # pass 0 warms up (compiles every span bucket)
-                for s, eng in engines.items():
-                    run = scenario(eng, prompts, long_ids, args.new_tokens, args.lead_rounds)
+                for name, share, arrives in settings:
+                    run = scenario(engines[share], prompts, long_ids if arrives else None, args.new_tokens,
+                                   args.lead_rounds)
                     if p:
-                        runs[s].append(run)
+                        runs[name].append(run)
+            width = engines[0.0].info.width
         finally:
             for eng in engines.values():
                 eng.close()
-    same = all(r["tokens"] == runs[0.0][0]["tokens"] for rs in runs.values() for r in rs)
+    first = runs[settings[0][0]][0]["tokens"]
+    same = all(r["tokens"] == first for rs in runs.values() for r in rs)
     result = {}
-    for s, rs in runs.items():
+    for name, rs in runs.items():
         sums = [summary(r) for r in rs]
-        result[f"prefill_share={s:g}"] = {k: statistics.median(x[k] for x in sums) for k in sums[0]} | {
-            "passes": sums}
-    eng_cfg = EngineConfig()
-    return {"config": {"model": card.name, "positions": context, "explorers": eng_cfg.explorers,
-                       "width": eng_cfg.width, "mode": eng_cfg.mode, "streams": STREAMS,
+        result[name] = {k: statistics.median(x[k] for x in sums) if sums[0][k] is not None else None
+                        for k in sums[0]} | {"passes": sums}
+    return {"config": {"model": card.name, "positions": context, "explorers": EngineConfig.explorers,
+                       "width": width, "mode": args.mode, "streams": STREAMS,
                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                        "lead_rounds": args.lead_rounds, "prefill_chunk": args.prefill_chunk,
                        "compile": args.compile, "passes": args.passes},
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=160, help="tokens each running stream generates")
     p.add_argument("--lead-rounds", type=int, default=20, help="rounds before the long prompt arrives")
     p.add_argument("--share", type=float, default=EngineConfig.prefill_share)
+    p.add_argument("--mode", default=EngineConfig.mode, help="dex (default) or ar: ar's streams commit evenly "
+                   "(no collapses), so their gaps show the prefill alone")
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false")
