@@ -36,6 +36,41 @@ def modes_table(doc: dict, where: str = "one process") -> list[str]:
     return out
 
 
+def speedup_section(sp: dict, title: str, command: str) -> list[str]:
+    """A speedup.py result: the runs, the summary and the projection."""
+    lines: list[str] = []
+    c = sp["config"]
+    lines += [title, "", command, "",
+              f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
+              "the runs taking turns", "",
+              "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
+    for name, r in sp["runs"].items():
+        extra = f" (exit layer {r['exit_layer']})" if "exit_layer" in r else ""
+        passes = " ".join(str(x) for x in r.get("tokens_per_s_repeats", []))
+        lines.append(f"| {name}{extra} | {r['tokens_per_s']} | {passes} | {r.get('rpt', '')} | "
+                     f"{r.get('ms_per_round', '')} | {r['identical_to_ar']} |")
+    s = sp["summary"]
+    lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
+                  f"of the others, {s.get('dex_vs_best_single_process', '')}x the best single-process "
+                  f"configuration ({s.get('best_single_process', '')}).", ""]
+    pj = sp["projection"]
+    if "step_slowdown_when_concurrent" in pj:
+        lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "
+                  "the other explorer runs as it does alone (the two cores share caches and memory bandwidth).", ""]
+    lines += ["Projection, one device per explorer (measured step times, measured RPT, measured per-round "
+              f"overhead {pj['overhead_ms_per_round']} ms;",
+              "explorer steps timed alone, as on devices that share no memory; W = 2^(K−1)):", "",
+              "| K | RPT | slowest explorer step ms | round ms | projected tokens/s | vs ar | ideal K/RPT |",
+              "|---|---|---|---|---|---|---|"]
+    for k, v in pj.items():
+        if k.startswith("K") and "round_ms" in v:
+            lines.append(f"| {k[1:]} | {v['rpt']} | {max(v['step_ms'])} | {v['round_ms']} | "
+                         f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
+                         f"{v['ideal_speedup_K_over_rpt']}x |")
+    lines.append("")
+    return lines
+
+
 def main() -> None:
     lines: list[str] = []
     for K in (4, 2, 8):
@@ -85,36 +120,13 @@ def main() -> None:
         lines += rows + [""]
     sp = load("speedup.json")
     if sp:
-        c = sp["config"]
-        lines += ["### Explorers on separate devices (2 cores here)", "",
-                  "`python worker/benchmarks/speedup.py --repeats 3 --limit 50 --max-new-tokens 64`", "",
-                  f"W={c['width']}, compile={c['compile']}; median of {c.get('repeats', 1)} passes per run, "
-                  "the runs taking turns", "",
-                  "| run | tokens/s (median) | passes | RPT | ms/round | identical to ar |", "|---|---|---|---|---|---|"]
-        for name, r in sp["runs"].items():
-            extra = f" (exit layer {r['exit_layer']})" if "exit_layer" in r else ""
-            passes = " ".join(str(x) for x in r.get("tokens_per_s_repeats", []))
-            lines.append(f"| {name}{extra} | {r['tokens_per_s']} | {passes} | {r.get('rpt', '')} | "
-                         f"{r.get('ms_per_round', '')} | {r['identical_to_ar']} |")
-        s = sp["summary"]
-        lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
-                      f"of the others, {s.get('dex_vs_best_single_process', '')}x the best single-process "
-                      f"configuration ({s.get('best_single_process', '')}).", ""]
-        pj = sp["projection"]
-        if "step_slowdown_when_concurrent" in pj:
-            lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "
-                      "the other explorer runs as it does alone (the two cores share caches and memory bandwidth).", ""]
-        lines += ["Projection, one device per explorer (measured step times, measured RPT, measured per-round "
-                  f"overhead {pj['overhead_ms_per_round']} ms;",
-                  "explorer steps timed alone, as on devices that share no memory; W = 2^(K−1)):", "",
-                  "| K | RPT | slowest explorer step ms | round ms | projected tokens/s | vs ar | ideal K/RPT |",
-                  "|---|---|---|---|---|---|---|"]
-        for k, v in pj.items():
-            if k.startswith("K") and "round_ms" in v:
-                lines.append(f"| {k[1:]} | {v['rpt']} | {max(v['step_ms'])} | {v['round_ms']} | "
-                             f"{v['projected_tokens_per_s']} | {v['projected_speedup_vs_ar_1t']}x | "
-                             f"{v['ideal_speedup_K_over_rpt']}x |")
-        lines.append("")
+        lines += speedup_section(sp, "### Explorers on separate devices (2 cores here)",
+                                 "`python worker/benchmarks/speedup.py --repeats 3 --limit 50 --max-new-tokens 64`")
+    ss = load("speedup-standard.json")
+    if ss:
+        lines += speedup_section(ss, "### The same on another checkpoint: a standard one with adapters",
+                                 "`python worker/benchmarks/speedup.py --model runs/dexcode-6m-standard --repeats 3 "
+                                 "--limit 50 --max-new-tokens 64 --out worker/benchmarks/results/speedup-standard.json`")
     pp = load("prefill-pipeline.json")
     if pp:
         sys.path.insert(0, str(Path(__file__).parent))
