@@ -32,17 +32,12 @@ import time
 from pathlib import Path
 
 import grpc
-import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
 
-# gRPC's C core must cooperate with gevent (locust monkey-patches on import):
-# without this, calls of all users run one at a time and `-t` overruns.
-grpc_gevent.init_gevent()
-
+from grpc_locust import fire, grpc_target  # noqa: E402  (first: makes gRPC gevent-aware)
 from dexserve.v1 import dex_pb2 as pb  # noqa: E402
 from dexserve.v1 import dex_pb2_grpc  # noqa: E402
 
-NAME = "Generate"
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "service/dexserve/models/dexcode-6m/heldout_prompts.jsonl"
 
 
@@ -72,12 +67,6 @@ def load_prompts(path: str = "") -> list[str]:
     return prompts
 
 
-def grpc_target(host: str) -> str:
-    """`grpc://h:p`, `http://h:p` or `h:p` → `h:p`."""
-    for scheme in ("grpc://", "http://", "dns:///"):
-        if host.startswith(scheme):
-            host = host[len(scheme):]
-    return host.rstrip("/")
 
 
 class DexStreamUser(User):
@@ -102,10 +91,6 @@ class DexStreamUser(User):
     def on_stop(self) -> None:
         self.channel.close()
 
-    def _fire(self, kind: str, seconds: float, length: int = 0, exc: BaseException | None = None) -> None:
-        events.request.fire(request_type=kind, name=NAME, response_time=seconds * 1000.0,
-                            response_length=length, exception=exc, context={})
-
     @task
     def generate(self) -> None:
         req = pb.GenerateRequest(prompt=random.choice(self.prompts), max_new_tokens=self.max_new_tokens,
@@ -120,7 +105,7 @@ class DexStreamUser(User):
                 if chunk.token_ids:
                     if first is None:
                         first = now
-                        self._fire("TTFT", now - start, len(chunk.token_ids))
+                        fire("TTFT", now - start, len(chunk.token_ids))
                     last = now
                     tokens += len(chunk.token_ids)
                 if chunk.finish_reason:
@@ -135,9 +120,9 @@ class DexStreamUser(User):
             if isinstance(exc, grpc.RpcError):
                 exc = RuntimeError(f"{exc.code().name}: {exc.details()}")
             if first is None:
-                self._fire("TTFT", end - start, 0, exc)
-            self._fire("FULL", end - start, tokens, exc)
+                fire("TTFT", end - start, 0, exc)
+            fire("FULL", end - start, tokens, exc)
             return
         if first is not None and tokens > 1:   # no token at all (EOS first) is legal: no TTFT/ITL then
-            self._fire("ITL", (last - first) / (tokens - 1), tokens)
-        self._fire("FULL", end - start, tokens)
+            fire("ITL", (last - first) / (tokens - 1), tokens)
+        fire("FULL", end - start, tokens)

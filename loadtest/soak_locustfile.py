@@ -22,17 +22,14 @@ import time
 import uuid
 
 import grpc
-import grpc.experimental.gevent as grpc_gevent
 import gevent
 from locust import User, between, events, task
 
-grpc_gevent.init_gevent()   # before any channel: gRPC's C core cooperates with gevent
-
+from grpc_locust import fire, grpc_target  # noqa: E402  (first: makes gRPC gevent-aware)
 from dexserve.queue.protocol import CLIENT_BACKOFF_S, FINAL_METADATA  # noqa: E402
 from dexserve.v1 import dex_pb2 as pb  # noqa: E402
 from dexserve.v1 import dex_pb2_grpc  # noqa: E402
 
-NAME = "Generate"
 RETRIES = 15            # tries in a row without progress before giving up
 GAP_S = 1.0             # chunk gaps longer than this are recorded
 
@@ -45,10 +42,6 @@ def _add_arguments(parser) -> None:
     g.add_argument("--request-timeout", type=float, default=120.0, help="gRPC deadline per call, seconds")
 
 
-def target(host: str) -> str:
-    for scheme in ("grpc://", "http://"):
-        host = host.removeprefix(scheme)
-    return host.rstrip("/")
 
 
 class SoakUser(User):
@@ -65,17 +58,13 @@ class SoakUser(User):
             SoakUser.out = open(opts.results, "a", buffering=1)
         self.timeout = opts.request_timeout
         # Reconnect quickly to a gateway that restarts (gRPC's default backoff grows to minutes).
-        self.channel = grpc.insecure_channel(target(self.host), options=[
+        self.channel = grpc.insecure_channel(grpc_target(self.host), options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000)])
         self.stub = dex_pb2_grpc.DexServiceStub(self.channel)
 
     def on_stop(self) -> None:
         self.channel.close()
-
-    def _fire(self, kind: str, seconds: float, length: int = 0, exc: BaseException | None = None) -> None:
-        events.request.fire(request_type=kind, name=NAME, response_time=seconds * 1000.0,
-                            response_length=length, exception=exc, context={})
 
     @task
     def generate(self) -> None:
@@ -102,7 +91,7 @@ class SoakUser(User):
                             check = f"position {chunk.position} after {len(ids)} tokens"
                         if first is None:
                             first = now
-                            self._fire("TTFT", now - start, len(chunk.token_ids))
+                            fire("TTFT", now - start, len(chunk.token_ids))
                         if prev is not None and now - prev > GAP_S:
                             gaps.append([round(start_wall + prev - start, 3), round(start_wall + now - start, 3)])
                         prev = last = now
@@ -139,7 +128,7 @@ class SoakUser(User):
         self.out.write(json.dumps(record) + "\n")
         exc = None if status == "OK" and check == "ok" else RuntimeError(f"{status}: {check} {detail}"[:200])
         if exc is not None and first is None:
-            self._fire("TTFT", end - start, 0, exc)
+            fire("TTFT", end - start, 0, exc)
         if exc is None and first is not None and len(ids) > 1:
-            self._fire("ITL", (last - first) / (len(ids) - 1), len(ids))
-        self._fire("FULL", end - start, len(ids), exc)
+            fire("ITL", (last - first) / (len(ids) - 1), len(ids))
+        fire("FULL", end - start, len(ids), exc)

@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from engine.conftest import shipped_available
+from engine.decoding import decode
 from dexserve.engine.tokenizer import load_tokenizer
 from dexserve.engine.engine import DexEngine, EngineConfig, EngineFailure
 from dexserve.contract.model_card import shipped_model_dir
@@ -18,17 +19,6 @@ from dexserve.contract.request import GenerationRequest, SamplingParams
 PROMPTS = [(5, 77, 300, 12, 900, 41), (1,), tuple(range(1, 40))]
 SAMPLINGS = [SamplingParams(), SamplingParams(0.9, 20, 0.9, 7)]
 
-
-def decode(eng: DexEngine, prompts, sampling: SamplingParams, new: int = 14) -> list[list[int]]:
-    """All prompts together (batch mix), each request's committed tokens."""
-    out: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        eng.add(GenerationRequest(f"p{i}", prompt_ids=p, max_new_tokens=new, ignore_eos=True, sampling=sampling))
-        out[f"p{i}"] = []
-    while eng.active:
-        for ev in eng.step().tokens:
-            out[ev.request_id].append(ev.token_id)
-    return [out[f"p{i}"] for i in range(len(prompts))]
 
 
 def models(tiny_dirs):

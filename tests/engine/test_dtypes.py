@@ -8,23 +8,17 @@ import pytest
 import torch
 
 from engine.conftest import FAMILIES
+from engine.decoding import decode
 from dexserve.engine.engine import DexEngine, EngineConfig
-from dexserve.contract.request import GenerationRequest, SamplingParams
+from dexserve.contract.request import SamplingParams
 
 PROMPTS = [(5, 77, 300, 12, 900, 41), (1,), tuple(range(1, 30))]
 NEW = 10
 
 
-def decode(eng: DexEngine, mode: str, sampling: SamplingParams) -> list[list[int]]:
+def decode_in(eng: DexEngine, mode: str, sampling: SamplingParams) -> list[list[int]]:
     eng.reconfigure(mode, True)
-    out: dict[str, list[int]] = {}
-    for i, p in enumerate(PROMPTS):
-        eng.add(GenerationRequest(f"p{i}", prompt_ids=p, max_new_tokens=NEW, ignore_eos=True, sampling=sampling))
-        out[f"p{i}"] = []
-    while eng.active:
-        for ev in eng.step().tokens:
-            out[ev.request_id].append(ev.token_id)
-    return [out[f"p{i}"] for i in range(len(PROMPTS))]
+    return decode(eng, PROMPTS, sampling, NEW)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -35,9 +29,9 @@ def test_every_mode_equals_ar_in_half_precision(tiny_dirs, family, dtype):
     assert eng.executor.spec.dtype == getattr(torch, dtype)
     assert eng.executor.steps[0].kv.dtype == getattr(torch, dtype)
     for sampling in (SamplingParams(), SamplingParams(0.8, 20, 0.9, 11)):
-        ref = decode(eng, "ar", sampling)
+        ref = decode_in(eng, "ar", sampling)
         for mode in ("dex", "select:1", "select:2"):
-            assert decode(eng, mode, sampling) == ref, (family, dtype, mode, sampling)
+            assert decode_in(eng, mode, sampling) == ref, (family, dtype, mode, sampling)
 
 
 def test_auto_dtype():

@@ -4,6 +4,7 @@ of its own so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,6 +107,28 @@ def stop_processes(procs: list[subprocess.Popen], grace: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+@contextlib.contextmanager
+def standin_service(redis_url: str, model: Path, log_dir: Path, prefix: str, **gateway):
+    """One in-process gateway (`gateway`: GatewayConfig overrides) and two stand-in workers
+    (8 slots each, 10 ms rounds) on a queue prefix of their own: yields (gateway, names, client)."""
+    from dexserve.gateway.server import BackgroundGateway
+
+    names = QueueNames(f"{prefix}{uuid.uuid4().hex[:8]}")
+    gw = BackgroundGateway(GatewayConfig(redis_url=redis_url, port=0, model=str(model), names=names,
+                                         settings=TEST_SETTINGS, **gateway))
+    w = Workers(redis_url, names, model, TEST_SETTINGS, log_dir)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(2):
+            w.start("--max-batch", "8", "--standin-delay", "0.01")
+        w.wait_ready(client, 2)
+        yield gw, names, client
+    finally:
+        w.stop_all()
+        gw.stop()
+        client.close()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from dexserve.worker.standin import InstantEngine
 
 from tiny_models import copy_checkpoint, with_chat_template
 
-from .conftest import TEST_SETTINGS, Workers
+from .conftest import TEST_SETTINGS, standin_service
 from .helpers import collect, run_direct, stub
 
 TOKEN = "s3cret-token"
@@ -45,18 +45,8 @@ def chat_model(standin_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(redis_server, chat_model, tmp_path_factory):
     """One gateway with both doors and two stand-in workers (8 slots each, 10 ms rounds)."""
-    names = QueueNames(f"h{uuid.uuid4().hex[:8]}")
-    gw = BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, http_port=0, model=str(chat_model),
-                                         names=names, settings=TEST_SETTINGS))
-    w = Workers(redis_server.url, names, chat_model, TEST_SETTINGS, tmp_path_factory.mktemp("wlogs"))
-    client = redis.Redis.from_url(redis_server.url)
-    for _ in range(2):
-        w.start("--max-batch", "8", "--standin-delay", "0.01")
-    w.wait_ready(client, 2)
-    yield gw, names, client
-    w.stop_all()
-    gw.stop()
-    client.close()
+    with standin_service(redis_server.url, chat_model, tmp_path_factory.mktemp("wlogs"), "h", http_port=0) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

@@ -15,33 +15,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dexserve.client import build_request, complete, stream_generate
 from dexserve.contract.request import GenerationRequest, SamplingParams
-from dexserve.gateway.config import GatewayConfig
-from dexserve.gateway.server import BackgroundGateway
-from dexserve.queue.protocol import QueueNames
 from dexserve.v1 import dex_pb2 as pb
 from dexserve.worker.standin import InstantEngine
 
-from .conftest import TEST_SETTINGS, Workers
+from .conftest import standin_service
 from .helpers import collect, run_direct, stub, token_events
 
 
 @pytest.fixture(scope="module")
 def service(redis_server, standin_model, tmp_path_factory):
     """One gateway and two stand-in workers (8 slots each, 10 ms rounds) for this module."""
-    names = QueueNames(f"s{uuid.uuid4().hex[:8]}")
-    gw = BackgroundGateway(GatewayConfig(redis_url=redis_server.url, port=0, model=str(standin_model),
-                                         names=names, settings=TEST_SETTINGS))
-    w = Workers(redis_server.url, names, standin_model, TEST_SETTINGS, tmp_path_factory.mktemp("wlogs"))
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url)
-    for _ in range(2):
-        w.start("--max-batch", "8", "--standin-delay", "0.01")
-    w.wait_ready(client, 2)
-    yield gw, names, client
-    w.stop_all()
-    gw.stop()
-    client.close()
+    with standin_service(redis_server.url, standin_model, tmp_path_factory.mktemp("wlogs"), "s") as svc:
+        yield svc
 
 
 def _direct(model, prompt, n, temperature=0.0, seed=0, stop=()):

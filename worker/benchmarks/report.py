@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,16 @@ def modes_table(doc: dict, where: str = "one process") -> list[str]:
                    f"{r.get('wasted_node_segments', '')} | {r.get('mean_occupancy', '')} | {r.get('identical_to_ar')} | "
                    f"{hist(r['accept_hist']) if 'accept_hist' in r else ''} |")
     return out
+
+
+def script_section(result: str, script: str, heading: str, command: str) -> list[str]:
+    """A heading, the command and the table the benchmark script itself renders from its result
+    (nothing when the result file is missing)."""
+    doc = load(result)
+    if doc is None:
+        return []
+    sys.path.insert(0, str(Path(__file__).parent))
+    return [heading, "", command, "", importlib.import_module(script).table(doc), ""]
 
 
 def speedup_section(sp: dict, title: str, command: str) -> list[str]:
@@ -90,7 +101,7 @@ def main() -> None:
                 lines += ["Where a K=4 dex round's time goes (ms per round, own time, top entries):", "",
                           "| function | ms/round |", "|---|---|"]
                 lines += [f"| `{name}` | {ms} |" for name, ms in prof.items()]
-                lines += [f"", f"executor {modes['dex']['executor_ms_per_round']} ms/round, lattice state machine "
+                lines += ["", f"executor {modes['dex']['executor_ms_per_round']} ms/round, lattice state machine "
                           f"{modes['dex']['lattice_ms_per_round']} ms/round, whole round {modes['dex']['ms_per_round']} ms", ""]
     doc = load("rpt-vs-width.json")
     if doc:
@@ -127,22 +138,13 @@ def main() -> None:
         lines += speedup_section(ss, "### The same on another checkpoint: a standard one with adapters",
                                  "`python worker/benchmarks/speedup.py --model runs/dexcode-6m-standard --repeats 3 "
                                  "--limit 50 --max-new-tokens 64 --out worker/benchmarks/results/speedup-standard.json`")
-    pp = load("prefill-pipeline.json")
-    if pp:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from prefill_pipeline import table as prefill_table
-
-        lines += ["### Prompt prefill: one process against pipelined explorer processes", "",
-                  "`python worker/benchmarks/prefill_pipeline.py --out worker/benchmarks/results/prefill-pipeline.json`",
-                  "", prefill_table(pp), ""]
-    pi = load("prefill-itl.json")
-    if pi:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from prefill_itl import table as itl_table
-
-        lines += ["### Running streams while a long prompt arrives (chunked prefill)", "",
-                  "`python worker/benchmarks/prefill_itl.py --out worker/benchmarks/results/prefill-itl.json`",
-                  "", itl_table(pi), ""]
+    lines += script_section("prefill-pipeline.json", "prefill_pipeline",
+                            "### Prompt prefill: one process against pipelined explorer processes",
+                            "`python worker/benchmarks/prefill_pipeline.py --out "
+                            "worker/benchmarks/results/prefill-pipeline.json`")
+    lines += script_section("prefill-itl.json", "prefill_itl",
+                            "### Running streams while a long prompt arrives (chunked prefill)",
+                            "`python worker/benchmarks/prefill_itl.py --out worker/benchmarks/results/prefill-itl.json`")
     dd = load("bench-k2-distributed-default.json")
     if dd:
         lines += ["### K=2 on two processes with default flags", "",
@@ -150,16 +152,11 @@ def main() -> None:
                   "(default W=8, compiled steps, shared memory, 1 thread per explorer; a round runs only its real "
                   "rows)", ""]
         lines += modes_table(dd, "one process per explorer") + [""]
-    ro = load("round-overhead.json")
-    if ro:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from round_overhead import table as round_table
-
-        lines += ["### Coordination per round (null step)", "",
-                  "`python worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs 2x1,4x8,8x16`: "
-                  "every explorer's step costs nothing (scripted readouts), the lattice, packing and signalling run "
-                  "for real; µs per round, median of 3 runs of 2000 rounds, 1 thread per process", "",
-                  round_table(ro), ""]
+    lines += script_section("round-overhead.json", "round_overhead", "### Coordination per round (null step)",
+                            "`python worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs "
+                            "2x1,4x8,8x16`: every explorer's step costs nothing (scripted readouts), the lattice, "
+                            "packing and signalling run for real; µs per round, median of 3 runs of 2000 rounds, "
+                            "1 thread per process")
     sc = load("step-scaling.json")
     if sc:
         lines += ["### Explorer steps against 1/K of the full step", "",

@@ -45,6 +45,17 @@ def _percentile(values: list[float], q: float) -> float:
 PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
 
 
+def _stream_done(t0: int, first: int | None, n: int, ttfts: list[float] | None, rates: list[float] | None) -> int:
+    """A stream that began at t0 (ns) and got its first token at `first` ended now with n tokens:
+    record its TTFT (ms) and its own tokens/s after the first token."""
+    end = time.time_ns()
+    if ttfts is not None and first is not None:
+        ttfts.append((first - t0) / 1e6)
+    if rates is not None and n > 1 and first is not None and end > first:
+        rates.append((n - 1) / ((end - first) / 1e9))
+    return n
+
+
 async def _one(stub, i: int, tokens: int, latencies: list[float], ttfts: list[float] | None = None,
                rates: list[float] | None = None) -> int:
     n = 0
@@ -58,12 +69,7 @@ async def _one(stub, i: int, tokens: int, latencies: list[float], ttfts: list[fl
                 first = now
             latencies.extend([(now - chunk.commit_unix_nanos) / 1e6] * len(chunk.token_ids))
             n += len(chunk.token_ids)
-    end = time.time_ns()
-    if ttfts is not None and first is not None:
-        ttfts.append((first - t0) / 1e6)
-    if rates is not None and n > 1 and first is not None and end > first:
-        rates.append((n - 1) / ((end - first) / 1e9))
-    return n
+    return _stream_done(t0, first, n, ttfts, rates)
 
 
 async def _one_http(client, i: int, tokens: int, ttfts: list[float] | None = None,
@@ -78,12 +84,7 @@ async def _one_http(client, i: int, tokens: int, ttfts: list[float] | None = Non
             first = time.time_ns()
         if chunk.usage is not None:
             n = chunk.usage.completion_tokens
-    end = time.time_ns()
-    if ttfts is not None and first is not None:
-        ttfts.append((first - t0) / 1e6)
-    if rates is not None and n > 1 and first is not None and end > first:
-        rates.append((n - 1) / ((end - first) / 1e9))
-    return n
+    return _stream_done(t0, first, n, ttfts, rates)
 
 
 async def _level(address: str, concurrency: int, tokens: int, door: str = "grpc") -> dict:
