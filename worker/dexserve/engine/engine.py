@@ -108,8 +108,7 @@ class DexEngine:
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
             raise ModelLoadError(f"{card.path}: hidden_act {dims.act!r} is not supported")
-        config = cls.sized(card, config)
-        spec = cls.executor_spec(card, config)
+        spec = cls.executor_spec(card, config)   # sizes an auto batch; the engine takes it from the spec
         if config.executor == "reference":
             executor: Executor = ReferenceExecutor(card, spec)
         elif config.executor == "distributed":
@@ -124,10 +123,10 @@ class DexEngine:
         if config.max_batch:
             return config
         dtype = getattr(torch, config.resolved_dtype(card.dtype))
+        widest = max(config.width) if isinstance(config.width, tuple) else (config.width or AUTO_WIDTH)
         budget = kv_budget(ModelDims.from_config(card.config), dtype, config.device, config.max_context,
                            weight_bytes(card.path, card.dtype, dtype), config.kv_memory_gib,
-                           slots=config.explorers * (config.width or AUTO_WIDTH) if isinstance(config.width, int)
-                           else sum(config.width))
+                           slots=config.slots or config.explorers * widest)   # the lattice's own KV rows
         if budget.max_batch < 1:
             raise ValueError(f"the KV budget does not hold one {config.max_context}-position request: "
                              f"{budget.describe()}; lower --max-context or raise --kv-memory")
