@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return F.linear(x, w, b)
 
 
+def row_dots(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`linear` written as one dot product per output: a compiled CPU step turns it
+    into one vectorized multiply-reduce over each weight row, which for a few rows
+    reads the weights at cache speed where BLAS's small-M path does not (3x on the
+    one-row decode step here: `dex bench --hf`, row "matmul-floor"). Each
+    output's sum runs in the same order whatever the row count, so a row's
+    projections do not depend on the rows it is batched with. Eager, it would
+    materialize [rows, out, in]: only compiled steps use it."""
+    y = (x.unsqueeze(-2) * w).sum(-1)
+    return y if b is None else y + b
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu}
 
@@ -214,7 +230,7 @@ def shared_attention(q: torch.Tensor, kv: torch.Tensor, k_base: int, v_base: int
 
 def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
                   kv: torch.Tensor, k_base: int, v_base: int, kv_row: torch.Tensor, keys: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+                  mask: torch.Tensor, lin: Linear = linear) -> torch.Tensor:
     """One decoder layer for W single-token rows. `kv` [rows, kv_heads, head_dim]
     holds this layer's K buffer from row `k_base` and its V buffer from `v_base`
     (one tensor for all layers, mutated in place: not a view, so a compiled step
@@ -222,11 +238,12 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
     of the layer's buffers, then attends over the buffer rows `keys` [W, S] it
     may see (`mask` [W, S], True = visible), or over one slice `keys` [S] all
     rows share (a prompt chunk, `shared_attention`). Shapes are static: W rows, S
-    gathered keys per row."""
+    gathered keys per row. `lin` computes the weight projections (`linear` or
+    `row_dots`)."""
     rows = x.shape[0]
     h = rms_norm(x, lw.input_norm, dims.eps)
     nq, nkv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    q, k, v = linear(h, lw.qkv, lw.qkv_bias).split((nq, nkv, nkv), dim=-1)
+    q, k, v = lin(h, lw.qkv, lw.qkv_bias).split((nq, nkv, nkv), dim=-1)
     q = q.reshape(rows, dims.heads, dims.head_dim)
     k = k.reshape(rows, dims.kv_heads, dims.head_dim)
     v = v.reshape(rows, dims.kv_heads, dims.head_dim)
@@ -249,7 +266,7 @@ def layer_forward(x: torch.Tensor, lw: LayerWeights, dims: ModelDims, cos: torch
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         attn = torch.matmul(probs, v_rows).reshape(rows, dims.heads * dims.head_dim)
-    x = x + linear(attn, lw.o, lw.o_bias)
+    x = x + lin(attn, lw.o, lw.o_bias)
     h = rms_norm(x, lw.post_norm, dims.eps)
-    gate, up = linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
-    return x + linear(ACTIVATIONS[dims.act](gate) * up, lw.down, lw.down_bias)
+    gate, up = lin(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
+    return x + lin(ACTIVATIONS[dims.act](gate) * up, lw.down, lw.down_bias)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dexserve.contract.limits import DEFAULT_LIMITS
-from dexserve.engine.model import Weights, layer_forward, rms_norm
+from dexserve.engine.model import Weights, layer_forward, linear, rms_norm, row_dots
 from dexserve.engine.sampling import selection_scores
 
 
@@ -178,7 +178,7 @@ class ExplorerStep(nn.Module):
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, kv_row: torch.Tensor,
                 request: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, anc: torch.Tensor,
                 sampled: bool = True, span: int | None = None, logprobs: bool = False,
-                prefill: bool = False) -> torch.Tensor:
+                prefill: bool = False, dots: bool = False) -> torch.Tensor:
         """Host-side choices pick the variant, each its own static graph:
         `sampled=False` is the greedy variant (no filtering, no noise), and
         `span` (a bucket from `span_buckets`, at least every row's hi - lo) is
@@ -187,7 +187,10 @@ class ExplorerStep(nn.Module):
         `logprobs` (the final depth, when a request asks): the candidates are
         followed by the log-probabilities of the readout (see `logprob_columns`).
         `prefill`: the rows are a prompt chunk, one request's consecutive
-        positions, attending over one shared slice (`prefill_keys`)."""
+        positions, attending over one shared slice (`prefill_keys`).
+        `dots`: the weight projections are `model.row_dots` (compiled CPU steps of
+        a few rows), else `F.linear`."""
+        lin = row_dots if dots else linear
         if self.first:
             x = self.embed[token]
         else:
@@ -199,13 +202,13 @@ class ExplorerStep(nn.Module):
         cos = self.cos[position]
         sin = self.sin[position]
         for lw, (k_base, v_base) in zip(self.layers, self.kv_bases):
-            x = layer_forward(x, lw, self.dims, cos, sin, self.kv, k_base, v_base, kv_row, keys, mask)
+            x = layer_forward(x, lw, self.dims, cos, sin, self.kv, k_base, v_base, kv_row, keys, mask, lin)
         self.hidden.index_copy_(0, slot, x)
         r = x
         if self.adapter_w is not None:
-            a = r if self.adapter_v is None else torch.nn.functional.linear(r, self.adapter_v)
-            r = r + torch.nn.functional.linear(a, self.adapter_w, self.adapter_b)
-        raw = torch.nn.functional.linear(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head)
+            a = r if self.adapter_v is None else lin(r, self.adapter_v, None)
+            r = r + lin(a, self.adapter_w, self.adapter_b)
+        raw = lin(rms_norm(r, self.final_norm, self.dims.eps), self.lm_head, None)
         logits = raw
         # the readout at this depth proposes the token for position + 1
         if sampled:
