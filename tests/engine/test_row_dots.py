@@ -25,11 +25,13 @@ def test_row_dots_is_linear():
     x, w, b = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
     torch.testing.assert_close(row_dots(x, w, b), F.linear(x, w, b))
     torch.testing.assert_close(row_dots(x, w, None), F.linear(x, w))
+    torch.testing.assert_close(row_dots(x[:1], w, b), F.linear(x[:1], w, b))   # the one-row form
 
 
 def test_compiled_row_dots_are_batch_invariant():
-    """The compiled kernel sums each output in the same order at any row count:
-    a row alone (static one-row graph) and among others (dynamic graph) agree bit for bit."""
+    """The compiled kernels sum each output in the same order at any row count:
+    a row alone (static one-row graph, one form) and among others (dynamic graph,
+    the rows-inside-each-weight-row form) agree bit for bit."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
     w = torch.randn(704, 256, generator=g) / 16
@@ -40,7 +42,9 @@ def test_compiled_row_dots_are_batch_invariant():
         many = x[:5].clone()
         torch._dynamo.mark_dynamic(many, 0, min=2, max=8)
         together = fn(many, w, None)
+    assert together.shape == (5, 704)
     assert torch.equal(alone[0], together[0])
+    torch.testing.assert_close(together, F.linear(many, w))
 
 
 def _engine(path, mode: str, compile_: bool) -> DexEngine:
