@@ -1,8 +1,7 @@
-"""Compiled CPU lattice steps compute their weight projections as `model.row_dots`
-(one dot product per output) instead of BLAS: the same values up to float
-association, faster for a few rows, and batch-invariant (a row's projections do
-not depend on the rows beside it). Every mode still equals `ar` and Hugging Face
-`generate`."""
+"""Compiled one-row CPU lattice steps compute their weight projections as
+`model.row_dots` (one dot product per output) instead of BLAS: the same values up
+to float association, faster for one row. Every mode still equals `ar` and Hugging
+Face `generate`."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from engine.decoding import decode
 from dexserve.contract.request import SamplingParams
 from dexserve.engine.config import EngineConfig
 from dexserve.engine.engine import DexEngine
-from dexserve.engine.executor import ROW_DOTS_MAX_ROWS, StepRunner
 from dexserve.engine.model import row_dots
 
 
@@ -25,26 +23,7 @@ def test_row_dots_is_linear():
     x, w, b = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
     torch.testing.assert_close(row_dots(x, w, b), F.linear(x, w, b))
     torch.testing.assert_close(row_dots(x, w, None), F.linear(x, w))
-    torch.testing.assert_close(row_dots(x[:1], w, b), F.linear(x[:1], w, b))   # the one-row form
-
-
-def test_compiled_row_dots_are_batch_invariant():
-    """The compiled kernels sum each output in the same order at any row count:
-    a row alone (static one-row graph, one form) and among others (dynamic graph,
-    the rows-inside-each-weight-row form) agree bit for bit."""
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(704, 256, generator=g) / 16
-    x = torch.randn(6, 256, generator=g)
-    fn = torch.compile(row_dots, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        alone = fn(x[:1].clone(), w, None)
-        many = x[:5].clone()
-        torch._dynamo.mark_dynamic(many, 0, min=2, max=8)
-        together = fn(many, w, None)
-    assert together.shape == (5, 704)
-    assert torch.equal(alone[0], together[0])
-    torch.testing.assert_close(together, F.linear(many, w))
+    torch.testing.assert_close(row_dots(x[:1], w, b), F.linear(x[:1], w, b))
 
 
 def _engine(path, mode: str, compile_: bool) -> DexEngine:
@@ -52,16 +31,27 @@ def _engine(path, mode: str, compile_: bool) -> DexEngine:
                                                   prefill_chunk=4, compile=compile_))
 
 
-def test_runners_choose_row_dots_only_for_compiled_narrow_lattice_steps(tiny_dirs):
+def test_only_compiled_one_row_lattice_steps_use_row_dots(tiny_dirs):
     torch._dynamo.reset()
     eng = _engine(tiny_dirs["llama"], "dex", compile_=True)
-    assert all(r.dots for r in eng.executor.runners)
-    assert not any(r.dots for r in eng.executor.prefill_runners)   # prompt chunks: BLAS
-    step = eng.executor.steps[0]
-    wide = DexEngine.executor_spec(eng.card, EngineConfig(explorers=2, width=ROW_DOTS_MAX_ROWS + 1, max_context=64,
-                                                          max_batch=2, compile=True))
-    assert not StepRunner(step, ROW_DOTS_MAX_ROWS + 1, wide).dots  # wide steps: BLAS
+    ex = eng.executor
+    assert all(r.dots for r in ex.runners)
+    assert not any(r.dots for r in ex.prefill_runners)   # prompt chunks: BLAS
     assert not any(r.dots for r in _engine(tiny_dirs["llama"], "dex", compile_=False).executor.runners)
+    seen = []
+    step = ex.steps[0]
+    forward = step.forward
+
+    def spy(*args):
+        seen.append((args[0].shape[0], args[-1]))     # (rows, dots)
+        return forward(*args)
+    runner = ex.runners[0]
+    runner.fn = spy
+    m, inputs = ex.rows[0]
+    with torch.no_grad():
+        for rows in (1, 3):
+            runner(inputs, False, runner.buckets[0], rows)
+    assert seen == [(1, True), (3, False)]    # several rows: BLAS
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

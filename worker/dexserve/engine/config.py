@@ -49,7 +49,7 @@ class EngineConfig:
     kv_memory_gib: float | None = None    # the KV budget that sizes an auto batch; None: a share of free memory
     slots: int | None = None              # lattice slots; default K*W + max_batch
     prefill_chunk: int = 32               # prompt positions per prefill step
-    prefill_share: float = 1.0            # while others decode: prefill time per round, x a round's time (0: whole prompts at once)
+    prefill_share: float = 1.0            # while others decode: prefill time per round on average, x a round's time (0: whole prompts at once)
     max_new_tokens: int = DEFAULT_LIMITS.max_new_tokens   # the largest max_new_tokens a request may ask for
     executor: ExecutorKind = "reference"
     transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)

@@ -58,6 +58,7 @@ class _Prefill:
     act: _Active
     ids: list[int]      # the prompt; positions 0..len-2 are prefilled, the last token seeds the lattice
     done: int = 0       # positions prefilled so far (a multiple of the chunk, or all of them)
+    chunk_seconds: float = 0.0   # what its last chunk took (the next, one chunk further in, costs at least that)
 
 
 class DexEngine:
@@ -73,6 +74,8 @@ class DexEngine:
         self._active: dict[str, _Active] = {}
         self._prefilling: dict[str, _Prefill] = {}   # admitted, prompt not yet fully prefilled (FIFO)
         self._round_seconds = 0.0                    # recent round time (EMA): sizes the prefill share
+        self._prefill_credit = 0.0                   # prefill time the running streams have granted, not yet spent
+        self._clock = time.perf_counter              # (tests drive a scripted clock)
         self._free_rows = list(range(config.max_batch - 1, -1, -1))
         self.reconfigure(config.mode, config.decs, config.policy)
 
@@ -221,22 +224,29 @@ class DexEngine:
     def _prefill(self) -> None:
         """Prefill admitted prompts, oldest first. With nothing decoding, the
         oldest goes in whole (nobody waits on it) and starts decoding. While
-        requests decode, a step spends at most `prefill_share` x a recent
-        round's time on prefill, in whole chunks and at least one, so running
-        streams keep committing while a long prompt arrives; `prefill_share` 0
-        prefills every pending prompt whole (the running streams wait). Chunks
-        always start at multiples of `prefill_chunk`: how prompts interleave
-        with rounds never changes what is computed."""
+        requests decode, prefill runs on credit: each step grants
+        `prefill_share` x a recent round's time, and a whole chunk runs once the
+        credit covers what the prompt's last chunk took (the first runs at
+        once). A chunk dearer than a round therefore waits a few rounds and
+        lands in one of them: a running stream's gap grows by at most one chunk,
+        and on average prefill takes `prefill_share` x the rounds' time.
+        `prefill_share` 0 prefills every pending prompt whole (the running
+        streams wait). Chunks always start at multiples of `prefill_chunk`: how
+        prompts interleave with rounds never changes what is computed."""
         share, chunk = self.config.prefill_share, self.config.prefill_chunk
-        t0, worked = time.perf_counter(), False
+        if share > 0 and len(self._active) > len(self._prefilling):
+            grant = share * self._round_seconds
+            pending = next(iter(self._prefilling.values())).chunk_seconds
+            self._prefill_credit = min(self._prefill_credit + grant, max(grant, pending))
         for rid in list(self._prefilling):
             p = self._prefilling[rid]
             todo = len(p.ids) - 1
             while p.done < todo:
                 interleave = share > 0 and len(self._active) > len(self._prefilling)
-                if interleave and worked and time.perf_counter() - t0 >= share * self._round_seconds:
+                if interleave and self._prefill_credit < p.chunk_seconds:
                     return
                 end = min(todo, p.done + chunk) if interleave else todo
+                t0 = self._clock()
                 try:
                     self.executor.prefill(p.act.index, p.ids[p.done:end], p.done)
                 except ExecutorFailure as exc:
@@ -244,7 +254,9 @@ class DexEngine:
                 except BaseException:
                     self._release(p.act)   # this request gives back its row; the others go on
                     raise
-                p.done, worked = end, True
+                p.done, p.chunk_seconds = end, self._clock() - t0
+                if interleave:   # (a prompt's first chunk runs on no credit: it measures the cost)
+                    self._prefill_credit = max(0.0, self._prefill_credit - p.chunk_seconds)
             del self._prefilling[rid]
             self.lattice.add_request(rid, p.act.index, p.ids[-1], todo)
 
@@ -260,18 +272,18 @@ class DexEngine:
             self._prefill()
         if len(self._active) == len(self._prefilling):   # nothing decoding (yet)
             return StepResult(None)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         plan = self.lattice.plan()
-        t1 = time.perf_counter()
+        t1 = self._clock()
         logprobs = any(act.req.logprobs is not None for act in self._active.values())
         try:
             # (an executor is asked for log-probabilities only when a request wants them)
             readout = self.executor.run(plan, True) if logprobs else self.executor.run(plan)
         except ExecutorFailure as exc:
             raise self._recover(exc, []) from exc
-        t2 = time.perf_counter()
+        t2 = self._clock()
         record = self.lattice.absorb(readout)
-        record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (time.perf_counter() - t2))
+        record = dataclasses.replace(record, seconds=t2 - t1, lattice_seconds=(t1 - t0) + (self._clock() - t2))
         self.stats.observe(record)
         self._round_seconds = record.seconds if not self._round_seconds else \
             0.8 * self._round_seconds + 0.2 * record.seconds

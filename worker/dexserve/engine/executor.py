@@ -75,11 +75,6 @@ def even_boundaries(layers: int, explorers: int) -> tuple[int, ...]:
 
 Variant = tuple[bool, int, int, bool]  # (sampled, attention span, rows, logprobs)
 
-# Compiled CPU lattice steps of up to this many rows compute their projections as
-# `model.row_dots` (one dot product per output: 3x BLAS at one row, 1.4x at 16);
-# wider steps and prompt chunks use BLAS.
-ROW_DOTS_MAX_ROWS = 16
-
 
 def row_buckets(width: int) -> tuple[int, ...]:
     """The row counts a CUDA-graph step is captured for: powers of two below W,
@@ -117,7 +112,9 @@ class StepRunner:
         self.compile = spec.compile
         self.use_graph = spec.cuda_graphs and self.device.type == "cuda"
         self.on_host = self.device.type == "cpu"
-        self.dots = self.compile and self.on_host and not prefill and width <= ROW_DOTS_MAX_ROWS
+        # compiled one-row lattice steps compute their projections as `model.row_dots`
+        # (its own graph either way: a compiled host step has one graph for one row)
+        self.dots = self.compile and self.on_host and not prefill
         # row counts built ahead of time: CUDA graphs per bucket; a compiled host step
         # one graph for 1 row and one (dynamic) for 2..W
         self.widths = (row_buckets(width) if self.use_graph else tuple(sorted({1, min(2, width), width}))) \
@@ -180,7 +177,8 @@ class StepRunner:
         if self.on_host:
             # host tensors are the step's inputs as they are: no copies, no keyword arguments
             return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
-                           inputs.hi, inputs.anc, sampled, span, logprobs, self.prefill, self.dots)
+                           inputs.hi, inputs.anc, sampled, span, logprobs, self.prefill,
+                           self.dots and inputs.token.shape[0] == 1)
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
             return self.fn(*args, sampled=sampled, span=span, logprobs=logprobs, prefill=self.prefill)

@@ -193,18 +193,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 
 
 def row_dots(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """`linear` of rows x [rows, in] written as one dot product per output: a compiled
-    CPU step turns it into a vectorized multiply-reduce over each weight row, which
-    for a few rows reads the weights at cache speed where BLAS's small-M path does
-    not (3x on the one-row decode step here: `dex bench --hf`, row "matmul-floor").
-    Several rows loop inside each weight row (it is read once, from L1, for all of
-    them: 1.6x BLAS at 8 rows, 1.4x at 16). Every output's sum runs in the same
-    order at any row count, so a row's projections do not depend on the rows
-    beside it. Eager, it would materialize [rows, out, in]: compiled steps only."""
-    if x.shape[0] == 1:
-        y = (x.unsqueeze(-2) * w).sum(-1)
-    else:
-        y = (w.unsqueeze(1) * x.unsqueeze(0)).sum(-1).transpose(0, 1)
+    """`linear` written as one dot product per output: a compiled CPU step turns it
+    into one vectorized multiply-reduce over each weight row, which for one row
+    reads the weights at cache speed where BLAS's small-M path does not (the
+    weight matmuls of a token 2.2x faster here: `dex bench --hf`, row
+    "matmul-floor"). With several rows BLAS is the faster (inductor then loops
+    the rows outside the weights, or recomputes the fused input per output), so
+    only one-row steps use it. Eager, it would materialize [rows, out, in]:
+    compiled steps only."""
+    y = (x.unsqueeze(-2) * w).sum(-1)
     return y if b is None else y + b
 
 

@@ -188,8 +188,8 @@ class ExplorerStep(nn.Module):
         followed by the log-probabilities of the readout (see `logprob_columns`).
         `prefill`: the rows are a prompt chunk, one request's consecutive
         positions, attending over one shared slice (`prefill_keys`).
-        `dots`: the weight projections are `model.row_dots` (compiled CPU steps of
-        a few rows), else `F.linear`."""
+        `dots`: the weight projections are `model.row_dots` (compiled one-row CPU
+        steps), else `F.linear`."""
         lin = row_dots if dots else linear
         if self.first:
             x = self.embed[token]

@@ -46,7 +46,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--prefill-share", type=float,
                    default=float(os.environ.get("DEX_PREFILL_SHARE", EngineConfig.prefill_share)),
                    help="while other requests decode, a new prompt is prefilled in chunks between their rounds, "
-                        "spending at most this many round-times per round (at least one chunk); 0 prefills whole "
+                        "on average this many round-times per round; a chunk dearer than that waits a few rounds "
+                        "and runs alone, so a running stream's gap grows by one chunk at most; 0 prefills whole "
                         "prompts at once, pausing the running streams (env DEX_PREFILL_SHARE; default 1)")
     g.add_argument("--executor", choices=("reference", "distributed"), default=os.environ.get("DEX_EXECUTOR", "reference"),
                    help="reference: all explorers in this process; distributed: one process per explorer")
