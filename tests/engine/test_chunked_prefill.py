@@ -83,12 +83,15 @@ def test_running_streams_commit_while_a_long_prompt_prefills(tiny_dirs, executor
     late = _req("long", LONG, 12, seed=3)
     # a chunk costs what a round costs, and the share is one round: one chunk per round
     eng = DexEngine.load(model, _cfg(executor=executor, prefill_share=1.0))
-    _scripted_clock(eng)
+    log = _scripted_clock(eng)
     try:
         out, during = _interleaved(eng, early, late)
     finally:
         eng.close()
     assert len(during) == 10, "40 prompt positions in chunks of 4, one chunk per round"
+    # every prefill call costs 1 on the scripted clock; the statistics hold all of them, apart from rounds
+    assert eng.stats.prefill_seconds == log.count("prefill") >= 10
+    assert eng.stats.seconds == log.count("round")
     # a token passes K=2 explorers, one per round: each running stream commits at least once
     # in every two rounds of the prefill (with the prefill at admission: not once)
     for a, b in zip(during, during[1:]):

@@ -64,6 +64,15 @@ def speedup_section(sp: dict, title: str, command: str) -> list[str]:
     lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
                   f"of the others, {s.get('dex_vs_best_single_process', '')}x the best single-process "
                   f"configuration ({s.get('best_single_process', '')}).", ""]
+    if "bounds" in s:
+        b, dex = s["bounds"], sp["runs"]["dex-K2-2proc-1t"]
+        lines += [f"The bound from DEX's own measured parts: prefill {dex['prefill_ms_per_token']} ms per token plus "
+                  f"RPT × the coordinator's explorer step ({dex['coordinator_step_ms']} ms, timed while the other "
+                  "explorer runs), with no coordination at all: "
+                  f"{b['no_coordination_measured_rpt_tokens_per_s']} tokens/s at the measured RPT "
+                  f"(**{b['no_coordination_measured_rpt_vs_best_single_process']}x** the best single-process "
+                  f"configuration), {b['no_coordination_rpt_1_tokens_per_s']} tokens/s at RPT 1, every proposal "
+                  f"right (**{b['no_coordination_rpt_1_vs_best_single_process']}x**).", ""]
     pj = sp["projection"]
     if "step_slowdown_when_concurrent" in pj:
         lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "

@@ -46,7 +46,8 @@ def measure(eng: DexEngine, mode: str, prompts: list[str], new: int, local_step:
     s = r.stats
     out = {"tokens": r.tokens, "seconds": round(r.seconds, 3), "tokens_per_s": round(r.tokens / r.seconds, 2),
            "rpt": s.rpt, "ms_per_round": round(1e3 * r.seconds / s.rounds, 4), "outputs": r.outputs,
-           "lattice_ms_per_round": round(1e3 * s.lattice_seconds / s.rounds, 4)}
+           "lattice_ms_per_round": round(1e3 * s.lattice_seconds / s.rounds, 4),
+           "prefill_ms_per_token": round(1e3 * s.prefill_seconds / r.tokens, 4)}
     if local_step:
         local = eng.executor.local
         out["coordinator_step_ms"] = round(1e3 * local.step_seconds / max(1, local.step_calls), 4)
@@ -77,6 +78,22 @@ def step_times(model: str | None, K: int, W: int, prompts: list[str], new: int, 
     per_step = [1e3 * t / max(1, n) for t, n in zip(ex.step_seconds, ex.step_calls)]
     return {"rpt": r.stats.rpt, "step_ms": [round(x, 4) for x in per_step],
             "lattice_ms_per_round": round(1e3 * r.stats.lattice_seconds / r.stats.rounds, 4)}
+
+
+def bounds(dex: dict, best_single: float) -> dict:
+    """What K=2 could reach on these cores, from its own measured parts: every
+    token pays its share of prompt prefill, and a round costs at least the
+    coordinator's explorer step (measured while the other explorer runs). With
+    no coordination at all (lattice, signals, waiting, engine Python), at the
+    measured RPT and at RPT 1 (every proposal right: the best any proposal can
+    do, since a token needs the final depth), as tokens/s and against the best
+    single-process configuration."""
+    out: dict[str, float] = {}
+    for name, rpt in (("measured_rpt", dex["rpt"]), ("rpt_1", 1.0)):
+        tps = 1e3 / (dex["prefill_ms_per_token"] + rpt * dex["coordinator_step_ms"])
+        out[f"no_coordination_{name}_tokens_per_s"] = round(tps, 2)
+        out[f"no_coordination_{name}_vs_best_single_process"] = round(tps / best_single, 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"dex_vs_ar_1t": round(dex["tokens_per_s"] / res["ar-1proc-1t"]["tokens_per_s"], 3),
                "dex_vs_best_other": round(dex["tokens_per_s"] / max(others), 3),
                "best_single_process": best_single,
-               "dex_vs_best_single_process": round(dex["tokens_per_s"] / single[best_single], 3)}
+               "dex_vs_best_single_process": round(dex["tokens_per_s"] / single[best_single], 3),
+               "bounds": bounds(dex, single[best_single])}
 
     # projection: one device per explorer; a round costs the slowest explorer's step (run
     # alone: devices that share no memory) plus the per-round overhead measured in the
@@ -189,6 +207,9 @@ def table(doc: dict) -> str:
     lines.append(f"DEX K=2 (2 procs) vs ar 1 thread: {sm['dex_vs_ar_1t']}x; vs best other: "
                  f"{sm['dex_vs_best_other']}x; vs the best single-process configuration ({sm['best_single_process']}): "
                  f"{sm['dex_vs_best_single_process']}x")
+    b = sm["bounds"]
+    lines.append(f"bound with no coordination at the measured RPT: {b['no_coordination_measured_rpt_vs_best_single_process']}x; "
+                 f"at RPT 1: {b['no_coordination_rpt_1_vs_best_single_process']}x the best single-process configuration")
     for k, v in doc["projection"].items():
         if k.startswith("K") and "projected_tokens_per_s" in v:
             lines.append(f"projection {k}: RPT {v['rpt']}, round {v['round_ms']} ms -> "

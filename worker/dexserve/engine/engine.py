@@ -255,6 +255,7 @@ class DexEngine:
                     self._release(p.act)   # this request gives back its row; the others go on
                     raise
                 p.done, p.chunk_seconds = end, self._clock() - t0
+                self.stats.prefill_seconds += p.chunk_seconds
                 if interleave:   # (a prompt's first chunk runs on no credit: it measures the cost)
                     self._prefill_credit = max(0.0, self._prefill_credit - p.chunk_seconds)
             del self._prefilling[rid]

@@ -47,6 +47,7 @@ class RunStats(CommitTally):
     occupancy_sum: int = 0
     seconds: float = 0.0
     lattice_seconds: float = 0.0
+    prefill_seconds: float = 0.0   # prompt prefill (the engine adds it: it is not part of a round)
 
     def observe(self, rec: RoundRecord) -> None:
         self.rounds += 1
