@@ -59,7 +59,7 @@ run: setup
 	$(BIN)/dex up
 
 test: setup cxx tools redis7 debootstrap curl
-	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 proto: setup
 	$(BIN)/python -m dexserve.v1.generate

@@ -42,15 +42,17 @@ def test_only_compiled_one_row_lattice_steps_use_row_dots(tiny_dirs):
     step = ex.steps[0]
     forward = step.forward
 
-    def spy(*args):
-        seen.append((args[0].shape[0], args[-1]))     # (rows, dots)
-        return forward(*args)
+    def spy(*args, **kwargs):
+        seen.append((args[0].shape[0], kwargs["dots"] if "dots" in kwargs else args[-1]))     # (rows, dots)
+        return forward(*args, **kwargs)
     runner = ex.runners[0]
-    runner.fn = spy
+    runner.direct.clear()      # one row: a DirectGraph traces step.forward again (dots=True)
+    step.forward = runner.fn = spy
     m, inputs = ex.rows[0]
     with torch.no_grad():
         for rows in (1, 3):
             runner(inputs, False, runner.buckets[0], rows)
+    del step.forward
     assert seen == [(1, True), (3, False)]    # several rows: BLAS
 
 
@@ -58,15 +60,22 @@ def test_only_compiled_one_row_lattice_steps_use_row_dots(tiny_dirs):
 def test_compiled_modes_equal_ar_and_hugging_face(tiny_dirs, family):
     torch._dynamo.reset()
     prompts = [(5, 6, 7, 8, 9), (3, 1, 4, 1, 5, 9, 2, 6)]
-    greedy = SamplingParams()
-    outs = {mode: decode(_engine(tiny_dirs[family], mode, compile_=True), prompts, greedy, new=16)
-            for mode in ("ar", "dex", "select:1")}
+    greedy, seeded = SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    eng = _engine(tiny_dirs[family], "ar", compile_=True)   # one compiled executor; the modes take turns on it
+    try:
+        outs = {}
+        for mode in ("ar", "dex", "select:1"):
+            eng.reconfigure(mode, True)
+            outs[mode] = decode(eng, prompts, greedy, new=16)
+        for mode in ("dex", "ar"):
+            eng.reconfigure(mode, True)
+            outs[f"{mode}-seeded"] = decode(eng, prompts, seeded)
+    finally:
+        eng.close()
     reference = [list(hf_greedy(str(tiny_dirs[family]), p, 16)) for p in prompts]
     assert outs["ar"] == reference
     assert outs["dex"] == reference and outs["select:1"] == reference
-    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
-    assert decode(_engine(tiny_dirs[family], "dex", compile_=True), prompts, seeded) == \
-        decode(_engine(tiny_dirs[family], "ar", compile_=True), prompts, seeded)
+    assert outs["dex-seeded"] == outs["ar-seeded"]
 
 
 def test_matmul_floor_times_blas_and_row_dots(tiny_dirs):

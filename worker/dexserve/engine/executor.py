@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dexserve.engine.adapters import AdapterInfo
+from dexserve.engine.direct import DirectGraph
 from dexserve.engine.lattice import Plan, PlanRow, Readout
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.contract.model_card import ModelCard
@@ -129,6 +130,8 @@ class StepRunner:
             cfg.recompile_limit = max(cfg.recompile_limit, StepRunner.compiled_variants)
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * StepRunner.compiled_variants)
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if spec.compile else step
+        # compiled one-row host variants skip dynamo's per-call cost (`direct.DirectGraph`)
+        self.direct: dict[tuple[bool, int, bool], DirectGraph] = {}
         # one captured graph per variant, with its static inputs and output
         self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
@@ -175,10 +178,15 @@ class StepRunner:
             lo, hi = inputs.lo.cpu().numpy(), inputs.hi.cpu().numpy()
             span = self.span(chunk_need(lo, hi) if self.prefill else int((hi - lo).max()))
         if self.on_host:
+            args = inputs.as_tuple()
+            if self.dots and args[0].shape[0] == 1:   # the hot path: one row, compiled, row dots
+                graph = self.direct.get((sampled, span, logprobs))
+                if graph is None:
+                    graph = self.direct[(sampled, span, logprobs)] = DirectGraph(
+                        self.step, args, sampled=sampled, span=span, logprobs=logprobs, prefill=False, dots=True)
+                return graph(*args)
             # host tensors are the step's inputs as they are: no copies, no keyword arguments
-            return self.fn(inputs.token, inputs.position, inputs.slot, inputs.kv_row, inputs.request, inputs.lo,
-                           inputs.hi, inputs.anc, sampled, span, logprobs, self.prefill,
-                           self.dots and inputs.token.shape[0] == 1)
+            return self.fn(*args, sampled, span, logprobs, self.prefill, False)
         args = tuple(t.to(self.device, non_blocking=True) for t in inputs.as_tuple())
         if not self.use_graph:
             return self.fn(*args, sampled=sampled, span=span, logprobs=logprobs, prefill=self.prefill)
