@@ -7,6 +7,7 @@ static-output path of the executor run here, not first on a GPU."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 import time
@@ -58,6 +59,7 @@ class FakeEvent:
 def fake_graphs(monkeypatch):
     """StepRunners built with cuda_graphs=True run as graphs on the CPU."""
     init = StepRunner.__init__
+    gc_states: list[tuple[bool, bool]] = []  # at each capture: (gc enabled, heap frozen)
 
     def graph_init(self, step, width, spec, prefill=False):
         init(self, step, width, spec, prefill)
@@ -67,6 +69,7 @@ def fake_graphs(monkeypatch):
 
     def capture(self, variant):
         sampled, span, rows, logprobs = variant
+        gc_states.append((gc.isenabled(), gc.get_freeze_count() > 0))
         static_in = tuple(p.clone() for p in RowPacker.padding(self.step.spec, rows).as_tuple())
 
         def step():
@@ -77,6 +80,7 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(StepRunner, "__init__", graph_init)
     monkeypatch.setattr(StepRunner, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    return gc_states
 
 
 def test_graph_branch_census_replay_and_equality(fake_graphs):
@@ -104,3 +108,14 @@ def test_graph_branch_census_replay_and_equality(fake_graphs):
     finally:
         eng.close()
         eager.close()
+
+
+def test_captures_run_with_the_heap_frozen_and_gc_off(fake_graphs):
+    """torch < 2.9 calls gc.collect() at every capture: warm-up freezes the heap
+    (and pauses automatic collection) while it captures, and restores both."""
+    gc_was = gc.isenabled()
+    gc_mod = _gpu_check()
+    eng, _ = gc_mod.load_engine(SimpleNamespace(model=None, width=2, max_context=64, device="cpu"), 2, graphs=True)
+    eng.close()
+    assert fake_graphs and set(fake_graphs) == {(False, True)}
+    assert gc.isenabled() == gc_was and gc.get_freeze_count() == 0
