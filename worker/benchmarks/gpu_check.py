@@ -385,7 +385,9 @@ def load_engine(args, K: int, graphs: bool, executor: str = "reference", transpo
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int, device: str) -> tuple[list[list[int]], float, object]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
+    # .float(), not dtype=: the GPU machine's preinstalled transformers may predate the `dtype`
+    # keyword (4.56), where it reaches the model's __init__ and fails
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).float().to(device).eval()
     outs, seconds = [], 0.0
     with torch.no_grad():
         model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False,
