@@ -13,7 +13,7 @@ import torch
 from dexserve.contract.model_card import ModelCard
 from dexserve.engine.config import AUTO_BATCH_CAP, AUTO_WIDTH, EngineConfig
 from dexserve.engine.engine import DexEngine
-from dexserve.engine.memory import GIB, kv_budget, kv_bytes_per_position
+from dexserve.engine.memory import GIB, free_memory, kv_budget, kv_bytes_per_position
 from dexserve.engine.model import ModelDims
 
 
@@ -88,3 +88,21 @@ def test_host_memory_without_proc_or_under_a_cgroup_limit(monkeypatch):
     files["/sys/fs/cgroup/memory.max"] = "max\n"        # no limit: what the C library reports
     avail, where = memory.host_available()
     assert avail > 0 and where == "available pages"
+
+
+@pytest.mark.parametrize("device,index", [("cuda", 3), ("cuda:1", 1)])
+def test_cuda_free_memory_asks_by_device_index(monkeypatch, device, index):
+    """torch < 2.5's mem_get_info rejects torch.device("cuda") (no index): the
+    budget asks by index, the current device's when none is given."""
+    asked = []
+
+    def mem_get_info(dev):
+        if not isinstance(dev, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{dev}")
+        asked.append(dev)
+        return 7 << 30, 8 << 30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert free_memory(device)[0] == 7 << 30 and asked == [index]

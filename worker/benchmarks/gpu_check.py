@@ -306,7 +306,9 @@ def graph_census(engine: DexEngine) -> dict:
     prefill = [len(r.graphs) for r in ex.prefill_runners]
     buckets = len(ex.runners[0].buckets)
     use = all(r.use_graph for r in (*ex.runners, *ex.prefill_runners))
-    complete = use and all(n == 2 * buckets for n in lattice) and all(n == buckets for n in prefill)
+    # lattice: greedy and sampled x span buckets x row buckets (`r.widths`); prefill: greedy x span buckets
+    complete = use and all(len(r.graphs) == 2 * buckets * len(r.widths) for r in ex.runners) \
+        and all(len(r.graphs) == buckets * len(r.widths) for r in ex.prefill_runners)
     return {"use_graph": use, "span_buckets": list(ex.runners[0].buckets), "lattice_graphs": lattice,
             "prefill_graphs": prefill, "total": sum(lattice) + sum(prefill), "every_step_captured": complete}
 
@@ -342,12 +344,18 @@ def isolated_step_us(engine: DexEngine, span: int, repeats: int) -> list[float]:
     return out
 
 
+def greedy_graph(runner, span: int):
+    """The runner's captured greedy graph at attention span `span`, at its full width, without
+    log-probabilities: the variant `isolated_step_us` replays (executor.Variant's key)."""
+    return runner.graphs[(False, span, runner.width, False)][0]
+
+
 def replay_only_us(engine: DexEngine, span: int, repeats: int) -> list[float]:
     """Each explorer's captured greedy graph at `span`, replayed alone with no
     input copies: the GPU time of the step itself, µs."""
     out = []
     for runner in engine.executor.runners:
-        graph = runner.graphs[(False, span)][0]
+        graph = greedy_graph(runner, span)
         for _ in range(3):
             graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -377,7 +385,9 @@ def load_engine(args, K: int, graphs: bool, executor: str = "reference", transpo
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int, device: str) -> tuple[list[list[int]], float, object]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
+    # .float(), not dtype=: the GPU machine's preinstalled transformers may predate the `dtype`
+    # keyword (4.56), where it reaches the model's __init__ and fails
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).float().to(device).eval()
     outs, seconds = [], 0.0
     with torch.no_grad():
         model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False,

@@ -11,6 +11,7 @@ fullgraph, static shapes) or captured once as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -261,10 +262,23 @@ def warm_up(lattice: Sequence[StepRunner], prefill: Sequence[StepRunner]) -> Non
     """Compile or capture variants at start-up (prefill is always greedy). CUDA
     graphs: all of them. CPU compile: the greedy ones; a sampled variant compiles
     on the first sampled round (seconds of compile per explorer, once)."""
-    for r in lattice:
-        r.warm_up(sampled=(False, True) if r.use_graph else (False,))
-    for r in prefill:
-        r.warm_up(sampled=(False,))
+    # CUDA graphs: torch before 2.9 runs a full gc.collect() at every capture (hundreds
+    # per engine, a tenth of a second each over torch + transformers' heap); frozen, the
+    # heap is skipped, and no automatic collection frees an old graph mid-capture
+    graphs, enabled = any(r.use_graph for r in (*lattice, *prefill)), gc.isenabled()
+    if graphs:
+        gc.disable()
+        gc.freeze()
+    try:
+        for r in lattice:
+            r.warm_up(sampled=(False, True) if r.use_graph else (False,))
+        for r in prefill:
+            r.warm_up(sampled=(False,))
+    finally:
+        if graphs:
+            gc.unfreeze()
+            if enabled:
+                gc.enable()
 
 
 class RowPacker:

@@ -83,7 +83,9 @@ def free_memory(device: str) -> tuple[int, str]:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: torch sees no CUDA device here")
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        # an index, not torch.device("cuda"): torch < 2.5 rejects a device without one
+        index = torch.device(device).index
+        free, _ = torch.cuda.mem_get_info(torch.cuda.current_device() if index is None else index)
         return free, f"{device} free memory"
     return host_available()
 

@@ -21,4 +21,29 @@ def load_tokenizer(card: ModelCard):
     try:
         return AutoTokenizer.from_pretrained(card.path, local_files_only=True)
     except Exception as exc:  # transformers raises many types here
+        try:  # a transformers older than the checkpoint's (tokenizer_class TokenizersBackend is 5.x's)
+            return _fast_tokenizer(card)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
         raise ModelLoadError(f"{card.path}: tokenizer failed to load: {exc}") from exc
+
+
+def _fast_tokenizer(card: ModelCard):
+    """The checkpoint's tokenizer.json through the generic fast tokenizer, with the
+    special tokens of its tokenizer_config.json."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    cfg_file = card.path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        tok = cfg.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if isinstance(tok, str):
+            special[key] = tok
+    if "model_max_length" in cfg:
+        special["model_max_length"] = cfg["model_max_length"]
+    return PreTrainedTokenizerFast(tokenizer_file=str(card.path / "tokenizer.json"), **special)
