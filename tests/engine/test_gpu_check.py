@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.conftest import shipped_available
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "worker" / "benchmarks" / "gpu_check.sh"
 KS = ("2", "4", "8")
-
-pytestmark = pytest.mark.skipif(not shipped_available(), reason="shipped model weights not present")
-
 
 def gpu_check(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The wrapper, with a Python that cannot see the editable install: `-S`

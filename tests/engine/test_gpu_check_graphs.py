@@ -18,12 +18,8 @@ import pytest
 import torch
 
 from dexserve.engine.executor import RowPacker, StepRunner, row_buckets
-from engine.conftest import shipped_available
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not shipped_available(), reason="shipped model weights not present")
-
-
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check_under_test", ROOT / "worker" / "benchmarks" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)

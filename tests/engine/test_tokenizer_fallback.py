@@ -12,10 +12,6 @@ import transformers
 
 from dexserve.contract.model_card import ModelCard, ModelLoadError
 from dexserve.engine.tokenizer import load_tokenizer
-from engine.conftest import shipped_available
-
-pytestmark = pytest.mark.skipif(not shipped_available(), reason="shipped model weights not present")
-
 
 def test_fallback_when_auto_tokenizer_fails(monkeypatch):
     card = ModelCard.load(None)
@@ -39,3 +35,20 @@ def test_no_tokenizer_at_all_is_still_a_load_error(monkeypatch, tmp_path):
                         lambda *a, **k: (_ for _ in ()).throw(OSError("no tokenizer files")))
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         load_tokenizer(SimpleNamespace(path=tmp_path))  # an empty folder: nothing to fall back to
+
+
+def test_fallback_keeps_the_chat_template(monkeypatch, tmp_path):
+    """Chat needs the template: the fallback takes it from tokenizer_config.json or chat_template.jinja."""
+    import shutil
+
+    card = ModelCard.load(None)
+    shutil.copy(card.path / "tokenizer.json", tmp_path / "tokenizer.json")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(ValueError("TokenizersBackend")))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(template)
+    tok = load_tokenizer(SimpleNamespace(path=tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template.replace("<", "[")}))
+    tok = load_tokenizer(SimpleNamespace(path=tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user>hi"

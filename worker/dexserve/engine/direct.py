@@ -1,9 +1,9 @@
 """A compiled host step without dynamo on the call path.
 
 `torch.compile` enters every call through dynamo's frame evaluation (guards,
-the compiled frame, AOT autograd's wrappers): on this project's CPU that costs
-about 0.2 ms a call, a sixth of a one-row 8-layer step and a third of a K=2
-explorer's. A `DirectGraph` pays it once: it traces one variant of an
+the compiled frame, AOT autograd's wrappers), a fixed cost per call that weighs
+most on short steps (worker/README: a K=2 explorer's one-row step went from
+0.54 to 0.47 ms without it). A `DirectGraph` pays it once: it traces one variant of an
 `ExplorerStep` (fixed shapes, fixed host choices) with `make_fx`, with every
 tensor the step reads (weights, KV, hidden rows, rotary and sampling tables)
 as an explicit input, compiles that graph with inductor (the same compiler
@@ -75,5 +75,5 @@ class DirectGraph:
             self.compiled = inductor_compile(gm, [*self.values, *example])
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.compiled(*self.values, *inputs)
+        # (no grad-mode switch per call: nothing here requires grad, and the executors run under no_grad)
+        return self.compiled(*self.values, *inputs)

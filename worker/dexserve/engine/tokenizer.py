@@ -8,6 +8,7 @@ model.
 
 from __future__ import annotations
 
+import json
 import os
 
 from dexserve.contract.model_card import ModelCard, ModelLoadError
@@ -30,9 +31,7 @@ def load_tokenizer(card: ModelCard):
 
 def _fast_tokenizer(card: ModelCard):
     """The checkpoint's tokenizer.json through the generic fast tokenizer, with the
-    special tokens of its tokenizer_config.json."""
-    import json
-
+    special tokens and chat template of its tokenizer_config.json."""
     from transformers import PreTrainedTokenizerFast
 
     cfg_file = card.path / "tokenizer_config.json"
@@ -44,6 +43,10 @@ def _fast_tokenizer(card: ModelCard):
             tok = tok.get("content")
         if isinstance(tok, str):
             special[key] = tok
-    if "model_max_length" in cfg:
-        special["model_max_length"] = cfg["model_max_length"]
+    for key in ("model_max_length", "chat_template"):
+        if key in cfg:
+            special[key] = cfg[key]
+    template = card.path / "chat_template.jinja"   # newer checkpoints keep the template beside the config
+    if "chat_template" not in special and template.is_file():
+        special["chat_template"] = template.read_text()
     return PreTrainedTokenizerFast(tokenizer_file=str(card.path / "tokenizer.json"), **special)
