@@ -34,7 +34,7 @@ from dexserve.contract.request import (EngineFailure, FinishReason, Finished, Ge
 from dexserve.engine.sampling import fold_seed
 from dexserve.engine.stats import RunStats
 from dexserve.engine.step import BufferSpec, decode_logprobs
-from dexserve.engine.tokenizer import load_tokenizer
+from dexserve.engine.tokenizer import load_tokenizer, text_decoder
 from dexserve.contract.text import TextStream
 from dexserve.contract.validation import validate_request
 
@@ -70,6 +70,7 @@ class DexEngine:
         config = self.config
         self.executor = executor
         self.tokenizer = tokenizer
+        self.decoder = text_decoder(tokenizer)   # detokenizes committed tokens
         self.limits = config.limits
         self._active: dict[str, _Active] = {}
         self._prefilling: dict[str, _Prefill] = {}   # admitted, prompt not yet fully prefilled (FIFO)
@@ -212,7 +213,7 @@ class DexEngine:
             # a refused request gives back its batch row, so it never shrinks the engine
             self._free_rows.append(index)
             raise
-        act = _Active(req, index, len(ids), TextStream(self.tokenizer, req.stop))
+        act = _Active(req, index, len(ids), TextStream(self.decoder, req.stop))
         self._active[req.request_id] = act
         self._prefilling[req.request_id] = _Prefill(act, ids)
 

@@ -68,6 +68,7 @@ class BufferSpec:
 MAX_LOGPROBS = DEFAULT_LIMITS.max_logprobs  # alternatives the final readout reports
 LOGPROB_SCALE = 1e9       # log-probabilities travel as int64 fixed point with the candidates
 LOGPROB_FLOOR = -9999.0   # -inf is reported as OpenAI reports it
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # bitwise row copies
 
 
 def logprob_top(vocab: int) -> int:
@@ -165,6 +166,11 @@ class ExplorerStep(nn.Module):
         self.kv = torch.zeros(2 * n * spec.kv_rows, d.kv_heads, d.head_dim, device=device, dtype=dtype)
         self.kv_bases = [(i * spec.kv_rows, (n + i) * spec.kv_rows) for i in range(n)]
         self.buffer_offsets = torch.arange(2 * n, device=device)[:, None] * spec.kv_rows
+        # on the host a retire is one numpy gather and scatter over the same memory, rows copied
+        # bit for bit whatever the dtype: torch's eager index ops cost tens of microseconds a round
+        self.host_kv = self.kv.view(_SAME_SIZE_INT[self.kv.element_size()]).numpy() \
+            if self.kv.device.type == "cpu" else None
+        self.host_offsets = self.buffer_offsets.numpy() if self.host_kv is not None else None
         # explorer k reads the hidden states explorer k-1 left here; in one
         # process all explorers share one buffer, across processes each has its own
         self.hidden = hidden if hidden is not None else torch.zeros(spec.hidden_rows, d.hidden, device=device, dtype=dtype)
@@ -251,6 +257,10 @@ class ExplorerStep(nn.Module):
     def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """Move finished nodes' K/V from lattice rows to committed rows."""
         if not self.layers:
+            return
+        if self.host_kv is not None:
+            kv, off = self.host_kv, self.host_offsets
+            kv[(off + dst_rows.numpy()).ravel()] = kv[(off + src_rows.numpy()).ravel()]
             return
         off = self.buffer_offsets
         self.kv.index_copy_(0, (off + dst_rows[None, :]).reshape(-1),

@@ -50,3 +50,27 @@ def _fast_tokenizer(card: ModelCard):
     if "chat_template" not in special and template.is_file():
         special["chat_template"] = template.read_text()
     return PreTrainedTokenizerFast(tokenizer_file=str(card.path / "tokenizer.json"), **special)
+
+
+class _BackendDecoder:
+    """`decode` straight through the Rust tokenizer: transformers' own `decode`
+    spends most of its time in Python argument handling around this same call."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def text_decoder(tokenizer):
+    """What the engine detokenizes committed tokens with (it decodes a request's
+    ids once per commit): the fast tokenizer's backend when transformers' decode
+    would return exactly what the backend returns (no clean-up of tokenization
+    spaces), else the tokenizer itself."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if isinstance(backend, Tokenizer) and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+        return _BackendDecoder(backend)
+    return tokenizer
