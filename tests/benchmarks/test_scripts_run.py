@@ -29,7 +29,8 @@ SCRIPTS = {
                     lambda d: d["streams_identical_across_settings"] and d["settings"]["prefill_share=1"]),
     "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
                  "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]
-                and d["summary"]["bounds"]["no_coordination_rpt_1_tokens_per_s"] > 0),
+                and d["summary"]["bounds"]["no_coordination_rpt_1_tokens_per_s"] > 0
+                and len(d["summary"]["dex_vs_best_single_process_paired_repeats"]) == 1),
     "recovery": (["--trials", "1", "--tokens", "40", "--kill-after", "6", "--engine-args",
                   "--no-compile --threads 1 --explorers 2 --width 2"], lambda d: d["configs"][0]["trials_s"]),
 }

@@ -31,9 +31,9 @@ done
 fi
 
 # 3. explorers on 2 devices (2 processes x 1 thread, shared-memory and gloo transports) vs ar,
-#    select:1, HF generate and HF LayerSkip, 3 passes taken in turns; projection K=4, 8
+#    select:1, HF generate and HF LayerSkip, 5 passes taken in turns; projection K=4, 8
 if want 3; then
-"$BIN/python" worker/benchmarks/speedup.py --repeats 3 --limit "$N" --max-new-tokens "$T" \
+"$BIN/python" worker/benchmarks/speedup.py --repeats 5 --limit "$N" --max-new-tokens "$T" \
     --out "$OUT/speedup.json"
 fi
 
