@@ -1,8 +1,9 @@
 """Chunked prefill inside the round loop: a prompt admitted while other
-requests decode is prefilled a chunk at a time between their rounds, so they
-keep committing; nothing it changes is visible in the tokens (every request
-still equals `ar` run alone), and a request cancelled mid-prefill gives back
-everything it took."""
+requests decode is prefilled a part of a chunk at a time between their rounds
+(a chunk's parts are the reference executor's explorers; the distributed
+executor runs a chunk whole), so they keep committing; nothing it changes is
+visible in the tokens (every request still equals `ar` run alone), and a
+request cancelled mid-prefill gives back everything it took."""
 
 from __future__ import annotations
 
@@ -25,17 +26,19 @@ def _req(rid: str, prompt: tuple[int, ...], n: int, seed: int | None = None) -> 
     return GenerationRequest(rid, prompt_ids=prompt, max_new_tokens=n, ignore_eos=True, sampling=sampling)
 
 
-def _alone(model: str, req: GenerationRequest) -> list[int]:
-    eng = DexEngine.load(model, _cfg(mode="ar", max_batch=1))
+def _alone(model: str, req: GenerationRequest, **cfg) -> list[int]:
+    eng = DexEngine.load(model, _cfg(**{"mode": "ar", "max_batch": 1, **cfg}))
     try:
         return [ev.token_id for ev in eng.generate(req) if hasattr(ev, "token_id")]
     finally:
         eng.close()
 
 
-def _scripted_clock(eng: DexEngine, chunk: float = 1.0, round_: float = 1.0) -> list[str]:
-    """The engine's clock, scripted: every prefill call takes `chunk`, every round
-    `round_`. Returns the log of calls ("prefill" / "round"), in order."""
+def _scripted_clock(eng: DexEngine, chunk: float = 1.0, round_: float = 1.0, parts: list | None = None) -> list[str]:
+    """The engine's clock, scripted: every prefill call (a chunk's part, or a
+    chunk or prompt whole) takes `chunk`, every round `round_`. Returns the log
+    of calls ("prefill" / "round"), in order; `parts` collects each prefill
+    call's (start position, part)."""
     now, log = [0.0], []
     ex = eng.executor
 
@@ -43,6 +46,8 @@ def _scripted_clock(eng: DexEngine, chunk: float = 1.0, round_: float = 1.0) -> 
         def call(*args, **kwargs):
             now[0] += cost
             log.append(name)
+            if parts is not None and name == "prefill":
+                parts.append((args[2], kwargs.get("part")))
             return fn(*args, **kwargs)
         return call
     ex.prefill, ex.run = timed(ex.prefill, chunk, "prefill"), timed(ex.run, round_, "round")
@@ -88,7 +93,9 @@ def test_running_streams_commit_while_a_long_prompt_prefills(tiny_dirs, executor
         out, during = _interleaved(eng, early, late)
     finally:
         eng.close()
-    assert len(during) == 10, "40 prompt positions in chunks of 4, one chunk per round"
+    parts = eng.executor.prefill_parts
+    assert parts == (2 if executor == "reference" else 1)
+    assert len(during) == 10 * parts, "40 prompt positions in chunks of 4, one part of a chunk per round"
     # every prefill call costs 1 on the scripted clock; the statistics hold all of them, apart from rounds
     assert eng.stats.prefill_seconds == log.count("prefill") >= 10
     assert eng.stats.seconds == log.count("round")
@@ -115,9 +122,9 @@ def test_interleaving_changes_no_token(tiny_dirs, family, share):
     if share == 0.0:
         assert len(during) == 1, "prefill_share 0 prefills a prompt whole in the next step"
     elif share == 1.0:
-        assert len(during) == 6, "22 positions, one chunk of 4 per round"
+        assert len(during) == 12, "22 positions, chunks of 4 in 2 parts (K=2), one part per round"
     else:
-        assert len(during) == 11, "a chunk every other round (the first at once)"
+        assert len(during) == 23, "a part every other round (the first at once)"
     for r in (*early, late):
         assert out[r.request_id] == _alone(model, r), (family, share, r.request_id)
 
@@ -174,18 +181,65 @@ def test_an_idle_engine_starts_the_oldest_prompt_whole(tiny_dirs):
 
 @pytest.mark.parametrize("share, every", [(1.0, 5), (0.5, 10), (5.0, 1)])
 def test_a_chunk_dearer_than_a_round_waits_for_credit(tiny_dirs, share, every):
-    """A chunk that costs five rounds: with prefill_share 1 it runs every fifth round,
-    alone (a running stream's gap grows by one chunk, never more), so prefill takes
-    the share of the rounds' time; with a share of 5 rounds, one chunk per round."""
-    eng = DexEngine.load(str(tiny_dirs["llama"]), _cfg(prefill_share=share))
+    """A part of a chunk that costs five rounds: with prefill_share 1 it runs every
+    fifth round, alone (a running stream's gap grows by one part, never more), so
+    prefill takes the share of the rounds' time; with a share of 5 rounds, one part
+    per round."""
+    # (the running streams outlast the prompt's 20 parts: 220 rounds at share 0.5)
+    eng = DexEngine.load(str(tiny_dirs["llama"]), _cfg(prefill_share=share, max_context=320))
     log = _scripted_clock(eng, chunk=5.0, round_=1.0)
-    early = [_req("a", (5, 6, 7), 80), _req("b", (9, 8), 80)]
+    early = [_req("a", (5,), 300), _req("b", (9,), 300)]   # (one-token prompts: nothing to prefill)
     out, during = _interleaved(eng, early, _req("long", LONG, 4))
     steps = "".join("P" if c == "prefill" else "r" for c in log)
-    admitted = steps.index("r" * 3) + 3      # the early prompts went in whole, then three rounds
+    admitted = steps.index("r" * 3) + 3      # three rounds, then the long prompt arrives
     chunks = [i for i, c in enumerate(steps[admitted:]) if c == "P"]
-    assert len(chunks) == 10, steps                                          # 40 positions, chunks of 4
-    assert "PP" not in steps[admitted:], "never two chunks between two rounds"
+    assert len(chunks) == 20, steps                           # 40 positions, chunks of 4, 2 parts each
+    assert "PP" not in steps[admitted:], "never two parts between two rounds"
     assert all(b - a == every + 1 for a, b in zip(chunks[1:], chunks[2:])), steps[admitted:]
     for r in early:
-        assert out[r.request_id] == _alone(str(tiny_dirs["llama"]), r)
+        assert out[r.request_id] == _alone(str(tiny_dirs["llama"]), r, max_context=320)
+
+
+
+def test_a_chunk_goes_down_the_explorers_one_part_per_round(tiny_dirs):
+    """K=4: each chunk runs as 4 parts (explorer k's layers in part k), in order,
+    one between two rounds, chunk after chunk. The tokens are `ar`'s, alone."""
+    model = str(tiny_dirs["llama"])
+    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0))
+    calls: list = []
+    log = _scripted_clock(eng, parts=calls)
+    early = [_req("a", (5,), 60), _req("b", (9,), 60, seed=4)]   # (one-token prompts: nothing to prefill)
+    late = _req("long", LONG, 6, seed=9)
+    try:
+        out, during = _interleaved(eng, early, late)
+    finally:
+        eng.close()
+    assert calls[calls.index((0, 0)):] == [(4 * c, k) for c in range(10) for k in range(4)]
+    assert len(during) == 40
+    steps = "".join("P" if c == "prefill" else "r" for c in log)
+    assert "PP" not in steps[steps.index("r" * 3):], steps
+    for r in (*early, late):
+        assert out[r.request_id] == _alone(model, r), r.request_id
+
+
+def test_a_chunk_begun_in_parts_is_finished_before_the_rest_goes_in_whole(tiny_dirs):
+    """The running streams end while a chunk is part-way down the explorers: its
+    remaining parts run, then the rest of the prompt in one call."""
+    model = str(tiny_dirs["llama"])
+    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0))
+    calls: list = []
+    _scripted_clock(eng, parts=calls)
+    early = [_req("a", (5, 6, 7), 5)]
+    late = _req("long", LONG, 6, seed=9)
+    try:
+        out, _ = _interleaved(eng, early, late)
+    finally:
+        eng.close()
+    mine = calls[calls.index((0, 0)):]
+    split = [c for c in mine if c[1] is not None]
+    assert len(split) % 4 == 0 and 0 < len(split) < 40, mine
+    assert split == [(4 * (i // 4), i % 4) for i in range(len(split))]
+    assert mine[len(split):] == [(len(split), None)], mine
+    assert [c[1] for c in mine[:len(split)]] == [i % 4 for i in range(len(split))]
+    for r in (*early, late):
+        assert out[r.request_id] == _alone(model, r), r.request_id

@@ -14,9 +14,9 @@ time to first token, and the worst gap while the long prompt is admitted
 
 - `prefill_share 0`: the prompt is prefilled whole before the next round (the
   old behaviour: every running stream waits for all of it);
-- `prefill_share 1` (the default): chunks between rounds, on average one
-  round's time of prefill per round (a chunk dearer than a round waits for
-  credit and runs alone).
+- `prefill_share 1` (the default): chunks between rounds, a part at a time
+  (explorer k's layers of a chunk in part k), on average one round's time of
+  prefill per round (a part dearer than a round waits for credit and runs alone).
 
 A third setting runs the four streams with no long prompt at all: the gaps
 DEX streams have by themselves (a token whose proposal was refused takes

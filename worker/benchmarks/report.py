@@ -64,6 +64,10 @@ def speedup_section(sp: dict, title: str, command: str) -> list[str]:
     lines += ["", f"DEX K=2 on 2 processes: {s['dex_vs_ar_1t']}x ar (1 thread), {s['dex_vs_best_other']}x the best "
                   f"of the others, {s.get('dex_vs_best_single_process', '')}x the best single-process "
                   f"configuration ({s.get('best_single_process', '')}).", ""]
+    if "dex_vs_best_single_process_paired_repeats" in s:
+        lines += ["Paired by pass (DEX against the best single-process run of the same pass; the runs of a pass "
+                  f"are back to back): median **{s['dex_vs_best_single_process_paired_median']}x**; passes "
+                  f"{', '.join(f'{r}x' for r in s['dex_vs_best_single_process_paired_repeats'])}.", ""]
     if "bounds" in s:
         b, dex = s["bounds"], sp["runs"]["dex-K2-2proc-1t"]
         lines += [f"The bound from DEX's own measured parts: prefill {dex['prefill_ms_per_token']} ms per token plus "

@@ -58,7 +58,8 @@ class _Prefill:
     act: _Active
     ids: list[int]      # the prompt; positions 0..len-2 are prefilled, the last token seeds the lattice
     done: int = 0       # positions prefilled so far (a multiple of the chunk, or all of them)
-    chunk_seconds: float = 0.0   # what its last chunk took (the next, one chunk further in, costs at least that)
+    part: int = 0       # the next part of chunk `done` (executor.prefill_parts: its explorers)
+    chunk_seconds: float = 0.0   # what its last prefill call took (the next, further in, costs at least that)
 
 
 class DexEngine:
@@ -225,16 +226,21 @@ class DexEngine:
     def _prefill(self) -> None:
         """Prefill admitted prompts, oldest first. With nothing decoding, the
         oldest goes in whole (nobody waits on it) and starts decoding. While
-        requests decode, prefill runs on credit: each step grants
-        `prefill_share` x a recent round's time, and a whole chunk runs once the
-        credit covers what the prompt's last chunk took (the first runs at
-        once). A chunk dearer than a round therefore waits a few rounds and
-        lands in one of them: a running stream's gap grows by at most one chunk,
-        and on average prefill takes `prefill_share` x the rounds' time.
-        `prefill_share` 0 prefills every pending prompt whole (the running
-        streams wait). Chunks always start at multiples of `prefill_chunk`: how
-        prompts interleave with rounds never changes what is computed."""
+        requests decode, prefill runs on credit, a part of a chunk at a time:
+        a chunk goes down the explorers as a token does, explorer k's layers in
+        part k (`executor.prefill_parts`; 1 where the executor runs a chunk
+        whole). Each step grants `prefill_share` x a recent round's time, and a
+        part runs once the credit covers what the prompt's last part took (the
+        first runs at once). A part dearer than a round therefore waits a few
+        rounds and lands in one of them: a running stream's gap grows by at
+        most one part (1/K of a chunk), and on average prefill takes
+        `prefill_share` x the rounds' time. `prefill_share` 0 prefills every
+        pending prompt whole (the running streams wait). Chunks always start at
+        multiples of `prefill_chunk` and run their parts in order, nothing in
+        between touching their rows: how prompts interleave with rounds never
+        changes what is computed."""
         share, chunk = self.config.prefill_share, self.config.prefill_chunk
+        parts = self.executor.prefill_parts
         if share > 0 and len(self._active) > len(self._prefilling):
             grant = share * self._round_seconds
             pending = next(iter(self._prefilling.values())).chunk_seconds
@@ -246,18 +252,26 @@ class DexEngine:
                 interleave = share > 0 and len(self._active) > len(self._prefilling)
                 if interleave and self._prefill_credit < p.chunk_seconds:
                     return
-                end = min(todo, p.done + chunk) if interleave else todo
+                # in parts while interleaving, and to finish a chunk begun in parts
+                split = parts > 1 and (interleave or p.part > 0)
+                end = min(todo, p.done + chunk) if interleave or split else todo
                 t0 = self._clock()
                 try:
-                    self.executor.prefill(p.act.index, p.ids[p.done:end], p.done)
+                    if split:
+                        self.executor.prefill(p.act.index, p.ids[p.done:end], p.done, part=p.part)
+                    else:
+                        self.executor.prefill(p.act.index, p.ids[p.done:end], p.done)
                 except ExecutorFailure as exc:
                     raise self._recover(exc, []) from exc
                 except BaseException:
                     self._release(p.act)   # this request gives back its row; the others go on
                     raise
-                p.done, p.chunk_seconds = end, self._clock() - t0
+                p.chunk_seconds = self._clock() - t0
+                p.part = (p.part + 1) % parts if split else 0
+                if p.part == 0:
+                    p.done = end
                 self.stats.prefill_seconds += p.chunk_seconds
-                if interleave:   # (a prompt's first chunk runs on no credit: it measures the cost)
+                if interleave:   # (a prompt's first part runs on no credit: it measures the cost)
                     self._prefill_credit = max(0.0, self._prefill_credit - p.chunk_seconds)
             del self._prefilling[rid]
             self.lattice.add_request(rid, p.act.index, p.ids[-1], todo)

@@ -61,7 +61,13 @@ class Executor(Protocol):
     spec: ExecutorSpec
 
     def set_sampling(self, index: int, params: SamplingParams) -> None: ...
-    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None: ...
+    # A prompt chunk's prefill in parts: `prefill(..., part=k)` runs part k of one chunk
+    # (parts in order, the chunk's other parts before any other chunk's). The reference
+    # executor's parts are its K explorers; 1: a chunk runs whole (the distributed
+    # executor's explorers pipeline a command's chunks themselves).
+    prefill_parts: int
+
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0, part: int | None = None) -> None: ...
     def run(self, plan: Plan, logprobs: bool = False) -> Readout: ...
     def final_logprobs(self) -> list[list[int]] | None: ...
     def restart(self) -> None: ...
@@ -436,11 +442,27 @@ class ReferenceExecutor:
         for s in self.steps:
             s.set_sampling(index, params.temperature, params.top_k, params.top_p, params.seed)
 
+    @property
+    def prefill_parts(self) -> int:
+        return len(self.prefill_runners) or 1   # (a null step has nothing to prefill)
+
     @torch.no_grad()
-    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
-        """Write prompt positions start..start+len-1 to request row `index`'s KV rows."""
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0, part: int | None = None) -> None:
+        """Write prompt positions start..start+len-1 to request row `index`'s KV rows.
+        `part` k: only explorer k's layers of one chunk (at most P positions; part 0
+        packs the chunk, the later parts read the same packed rows and the hidden
+        rows part k-1 left, which no lattice round touches)."""
         P = self.spec.buffers.prefill_rows
         m, inputs = self.prefill_rows
+        if part is not None:
+            if len(token_ids) > P or not 0 <= part < self.prefill_parts:
+                raise ValueError(f"prefill part {part} of a chunk of {len(token_ids)} positions "
+                                 f"(parts 0..{self.prefill_parts - 1}, chunks of at most {P})")
+            if part == 0:
+                self.packer.fill_prefill(m, index, token_ids, start)
+            for runner in self.prefill_runners[part:part + 1]:
+                runner(inputs, sampled=False)
+            return
         for at in range(0, len(token_ids), P):
             self.packer.fill_prefill(m, index, token_ids[at:at + P], start + at)
             for runner in self.prefill_runners:

@@ -172,7 +172,11 @@ class DistributedExecutor:
         self.local.sampling()
         self.transport.wait_all()
 
-    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
+    prefill_parts = 1   # the explorers pipeline a command's chunks among themselves
+
+    def prefill(self, index: int, token_ids: Sequence[int], start: int = 0, part: int | None = None) -> None:
+        if part not in (None, 0):
+            raise ValueError(f"the distributed executor prefills a chunk whole (part {part})")
         self._guard(self._prefill, index, token_ids, start)
 
     def _prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
