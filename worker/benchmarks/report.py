@@ -148,7 +148,7 @@ def main() -> None:
     sp = load("speedup.json")
     if sp:
         lines += speedup_section(sp, "### Explorers on separate devices (2 cores here)",
-                                 "`python worker/benchmarks/speedup.py --repeats 3 --limit 50 --max-new-tokens 64`")
+                                 "`python worker/benchmarks/speedup.py --repeats 5 --limit 50 --max-new-tokens 64`")
     ss = load("speedup-standard.json")
     if ss:
         lines += speedup_section(ss, "### The same on another checkpoint: a standard one with adapters",
