@@ -34,6 +34,10 @@ def test_host_retire_equals_torch_index_ops(tiny_dirs, dtype):
     assert torch.equal(step.kv.view(torch.uint8), expected.view(torch.uint8))
     assert not torch.equal(step.kv, before)   # rows really moved (the random rows differ)
 
+    step.kv.copy_(before)
+    step.retire(src.numpy(), dst.numpy())     # the payload's numpy views, as the explorers pass them
+    assert torch.equal(step.kv.view(torch.uint8), expected.view(torch.uint8))
+
     host = step.host_kv
     step.host_kv = None                       # the device path, on the same rows
     step.kv.copy_(before)

@@ -505,9 +505,10 @@ class ReferenceExecutor:
         for i, r in enumerate(plan.retire):
             self.retire_rows[0, i] = b.lattice_kv_row(r.slot)
             self.retire_rows[1, i] = r.request_index * b.max_context + r.position
-        src, dst = self.retire_t[0, :n], self.retire_t[1, :n]
-        if self.spec.device != "cpu":
-            src, dst = src.to(self.spec.device), dst.to(self.spec.device)
+        if self.spec.device == "cpu":
+            src, dst = self.retire_rows[0, :n], self.retire_rows[1, :n]
+        else:
+            src, dst = self.retire_t[0, :n].to(self.spec.device), self.retire_t[1, :n].to(self.spec.device)
         for s in steps:
             s.retire(src, dst)
 

@@ -254,13 +254,16 @@ class ExplorerStep(nn.Module):
                            self.key_index[None, :span] == 0)
         return ctx.clamp(max=self.spec.kv_scratch), mask
 
-    def retire(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
-        """Move finished nodes' K/V from lattice rows to committed rows."""
+    def retire(self, src_rows, dst_rows) -> None:
+        """Move finished nodes' K/V from lattice rows to committed rows. On the host
+        the rows may come as numpy arrays (the payload's own memory)."""
         if not self.layers:
             return
         if self.host_kv is not None:
             kv, off = self.host_kv, self.host_offsets
-            kv[(off + dst_rows.numpy()).ravel()] = kv[(off + src_rows.numpy()).ravel()]
+            if isinstance(src_rows, torch.Tensor):
+                src_rows, dst_rows = src_rows.numpy(), dst_rows.numpy()
+            kv[(off + dst_rows).ravel()] = kv[(off + src_rows).ravel()]
             return
         off = self.buffer_offsets
         self.kv.index_copy_(0, (off + dst_rows[None, :]).reshape(-1),

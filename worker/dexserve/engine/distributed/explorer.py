@@ -80,22 +80,30 @@ class _Rank:
 
     def __post_init__(self) -> None:
         self.views = self.codec.views(self.payload)
+        self.on_host = self.device.type == "cpu"
+        self.cand_host = self.cand.numpy() if self.cand.device.type == "cpu" else None
         self.world = self.spec.explorers
         self.handing = not self.transport.shares_hidden
         self.prefill_rows = RowPacker.buffer(self.spec.buffers, self.spec.buffers.prefill_rows)
 
-    @torch.no_grad()
     def round(self) -> torch.Tensor:
         """Run this explorer's part of the round in the payload; its ranked
         candidates land in `self.cand` (returned)."""
+        if torch.is_grad_enabled():   # (explorer processes run with grad off: no context per round)
+            with torch.no_grad():
+                return self._round()
+        return self._round()
+
+    def _round(self) -> torch.Tensor:
         c, k, v = self.codec, self.rank, self.views
         h = v.header.tolist()
         n_retire = h[c.RETIRE]
         if n_retire:
-            r = v.retire_t[:, :n_retire]
-            if self.device.type != "cpu":
-                r = r.to(self.device, non_blocking=True)
-            self.step.retire(r[0], r[1])
+            if self.on_host:   # numpy views of the payload: no tensor slicing on the hot path
+                self.step.retire(v.retire[0, :n_retire], v.retire[1, :n_retire])
+            else:
+                r = v.retire_t[:, :n_retire].to(self.device, non_blocking=True)
+                self.step.retire(r[0], r[1])
         sent = None
         if h[c.COUNTS + k]:
             t0 = time.perf_counter()
@@ -103,7 +111,11 @@ class _Rank:
                               bool(h[c.LOGPROBS]) and k + 1 == self.world)
             self.step_seconds += time.perf_counter() - t0
             self.step_calls += 1
-            self.cand[: out.shape[0], : out.shape[1]].copy_(out)
+            if self.cand_host is not None and out.device.type == "cpu":
+                rows, cols = out.shape
+                self.cand_host[:rows, :cols] = out.numpy()
+            else:
+                self.cand[: out.shape[0], : out.shape[1]].copy_(out)
             if self.handing and k + 1 < self.world:
                 rows = self.step.hidden.index_select(0, v.inputs[k].slot.to(self.device, non_blocking=True))
                 sent = self.transport.handoff_send(rows, k + 1)
@@ -165,7 +177,9 @@ class _Rank:
 
 
 def run_rank(rank: int, settings: ExplorerSettings, transport: Transport, shared: SharedRound | None) -> None:
-    """Build rank `rank`'s explorer, say it is ready, serve until told to stop."""
+    """Build rank `rank`'s explorer, say it is ready, serve until told to stop.
+    (An explorer process only runs inference: grad mode is off for good.)"""
+    torch.set_grad_enabled(False)
     codec = PlanCodec(settings.spec)
     if shared is not None:
         payload, cand, hidden = shared.plan, shared.cand[rank], shared.hidden
