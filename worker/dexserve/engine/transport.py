@@ -50,7 +50,9 @@ class Transport(Protocol):
     shares_hidden: bool  # True: explorers read each other's hidden states in place
 
     def broadcast(self, payload: torch.Tensor) -> None: ...
-    def gather(self, cand: torch.Tensor) -> list[torch.Tensor] | None: ...
+    def gather(self, cand: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's candidates to rank 0: the gathered tensors, or None where the
+        answers are already in memory rank 0 reads (and on the other ranks)."""
     def wait_all(self) -> None: ...
     def ready(self) -> None: ...
     def handoff_send(self, rows: torch.Tensor, dst: int) -> "dist.Work | None": ...
@@ -229,7 +231,7 @@ class SharedMemoryTransport:
             self._answer()
             return None
         self.wait_all()
-        return list(self.shared.cand.unbind(0))
+        return None   # every rank's answer is in `shared.cand` already
 
     def _answer(self) -> None:
         sig = self.sig
