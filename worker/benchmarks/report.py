@@ -80,7 +80,8 @@ def speedup_section(sp: dict, title: str, command: str) -> list[str]:
     pj = sp["projection"]
     if "step_slowdown_when_concurrent" in pj:
         lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "
-                  "the other explorer runs as it does alone (the two cores share caches and memory bandwidth).", ""]
+                  "the other explorer runs as it does alone (above 1: the two cores share caches and memory bandwidth; "
+                  "the two timings are minutes apart, and this VM's core speed drifts).", ""]
     lines += ["Projection, one device per explorer (measured step times, measured RPT, measured per-round "
               f"overhead {pj['overhead_ms_per_round']} ms;",
               "explorer steps timed alone, as on devices that share no memory; W = 2^(K−1)):", "",
