@@ -167,7 +167,7 @@ class ExplorerStep(nn.Module):
         self.kv_bases = [(i * spec.kv_rows, (n + i) * spec.kv_rows) for i in range(n)]
         self.buffer_offsets = torch.arange(2 * n, device=device)[:, None] * spec.kv_rows
         # on the host a retire is one numpy gather and scatter over the same memory, rows copied
-        # bit for bit whatever the dtype: torch's eager index ops cost tens of microseconds a round
+        # bit for bit whatever the dtype (torch's eager index ops pay dispatch per op, several times the copy)
         self.host_kv = self.kv.view(_SAME_SIZE_INT[self.kv.element_size()]).numpy() \
             if self.kv.device.type == "cpu" else None
         self.host_offsets = self.buffer_offsets.numpy() if self.host_kv is not None else None
