@@ -243,3 +243,29 @@ def test_a_chunk_begun_in_parts_is_finished_before_the_rest_goes_in_whole(tiny_d
     assert [c[1] for c in mine[:len(split)]] == [i % 4 for i in range(len(split))]
     for r in (*early, late):
         assert out[r.request_id] == _alone(model, r), r.request_id
+
+
+@pytest.mark.parametrize("executor", ["reference", "distributed"])
+def test_a_request_joins_a_lattice_whose_slots_one_request_filled(tiny_dirs, executor):
+    """Three lattice slots, K=4: the running request's proposals take all of them.
+    A request admitted then finds its slot kept free (spawning leaves one per
+    prompt still prefilling) or waits a round for a commit to free one; it never
+    fails, and both requests equal `ar` alone."""
+    model = str(tiny_dirs["llama"])
+    a, b = _req("a", (5, 6, 7), 30), _req("b", (9, 8, 7, 6), 10, seed=2)
+    eng = DexEngine.load(model, _cfg(explorers=4, width=4, slots=3, executor=executor))
+    out: dict[str, list[int]] = {"a": [], "b": []}
+    try:
+        eng.add(a)
+        for _ in range(3):
+            for ev in eng.step().tokens:
+                out[ev.request_id].append(ev.token_id)
+        assert not eng.lattice.free_slots, "the running request holds every slot"
+        eng.add(b)
+        while eng.active:
+            for ev in eng.step().tokens:
+                out[ev.request_id].append(ev.token_id)
+    finally:
+        eng.close()
+    for r in (a, b):
+        assert out[r.request_id] == _alone(model, r), r.request_id

@@ -274,3 +274,32 @@ def test_budget_aware_policy_stays_equal_to_ar(K, widths, extra_slots, decs, see
                                 spawn_boundaries=frozenset(range(1, K)), decs=decs, policy="priority"))
     records = drive_and_check_ar(lat, m, seed, requests, 20, slots=requests + extra_slots)
     assert all(len(rows) <= w for r in records for rows, w in zip(r.explorers, widths))
+
+
+def test_reserved_slots_stay_free_for_a_joining_request() -> None:
+    """Spawning leaves `reserved` slots free (the anchors of requests whose prompts
+    are still prefilling), so a request joins as soon as it is ready; the tokens
+    are the same either way."""
+    m = ScriptedModel(explorers=4, accept=(0.9, 0.9, 0.9))
+    free = {}
+    for reserved in (0, 1):
+        lat = make(4, W=4, slots=4)
+        lat.reserved = reserved
+        lat.add_request("a", 0, token=1, position=0)
+        got, records = drive(lat, m, {"a": 20})
+        assert got["a"] == m.autoregressive(1, 0, 20)
+        assert max(r.live_nodes for r in records) <= 4 - reserved
+        free[reserved] = max(r.live_nodes for r in records)
+    assert free[0] == 4, "without a reservation one request takes every slot"
+    lat = make(4, W=4, slots=4)
+    lat.reserved = 1
+    lat.add_request("a", 0, token=1, position=0)
+    first = []
+    for _ in range(8):   # rounds while "b" prefills: "a" never takes the reserved slot
+        first += [c.token for c in lat.absorb(m.run(lat.plan())).commits]
+        assert lat.can_add()
+    lat.add_request("b", 1, token=9, position=3)
+    lat.reserved = 0
+    got, _ = drive(lat, m, {"a": 12, "b": 10})
+    assert first + got["a"] == m.autoregressive(1, 0, len(first) + 12)
+    assert got["b"] == m.autoregressive(9, 3, 10)

@@ -273,6 +273,8 @@ class DexEngine:
                 self.stats.prefill_seconds += p.chunk_seconds
                 if interleave:   # (a prompt's first part runs on no credit: it measures the cost)
                     self._prefill_credit = max(0.0, self._prefill_credit - p.chunk_seconds)
+            if not self.lattice.can_add():
+                return   # its prompt is in; it joins once a commit frees a slot (spawns leave one)
             del self._prefilling[rid]
             self.lattice.add_request(rid, p.act.index, p.ids[-1], todo)
 
@@ -286,6 +288,8 @@ class DexEngine:
     def step(self) -> StepResult:
         if self._prefilling:
             self._prefill()
+        # spawning leaves a lattice slot free for each request about to join
+        self.lattice.reserved = len(self._prefilling)
         if len(self._active) == len(self._prefilling):   # nothing decoding (yet)
             return StepResult(None)
         t0 = self._clock()

@@ -211,6 +211,9 @@ class Lattice:
         self.config = config
         self.requests: dict[str, RequestLattice] = {}
         self.free_slots: list[int] = list(range(config.slots - 1, -1, -1))
+        # slots spawning leaves free for requests about to join (their anchors): set by the
+        # owner to the requests admitted but not yet added (their prompts still prefilling)
+        self.reserved = 0
         self.nodes: dict[int, Node] = {}
         self.round = 0
         self._next_id = 0
@@ -229,6 +232,12 @@ class Lattice:
         req = RequestLattice(request_id, index)
         req.anchor = self._new_node(req, token, position, None, FALLBACK)
         self.requests[request_id] = req
+
+    def can_add(self) -> bool:
+        """Is there a slot for a new request's anchor? (`reserved` keeps spawning from
+        taking the last ones; a request that finds none waits a round, when commits
+        have retired slots.)"""
+        return bool(self.free_slots)
 
     def remove_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id)
@@ -416,8 +425,8 @@ class Lattice:
         want = scores.get(parent.id, 0.0) * self.acceptance.child_rate(parent, token)
         if budget is not None and self.config.policy == "priority" and not budget.has_room(want):
             return None
-        if not self.free_slots and not self._evict_for(parent, want, scores):
-            return None
+        if len(self.free_slots) <= self.reserved and not self._evict_for(parent, want, scores):
+            return None   # (an eviction frees a slot for this child: the reserved ones stay free)
         child = self._new_node(parent.request, token, parent.position + 1, parent, boundary)
         parent.children[token] = child
         parent.proposed.add(token)
