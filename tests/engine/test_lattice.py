@@ -281,7 +281,7 @@ def test_reserved_slots_stay_free_for_a_joining_request() -> None:
     are still prefilling), so a request joins as soon as it is ready; the tokens
     are the same either way."""
     m = ScriptedModel(explorers=4, accept=(0.9, 0.9, 0.9))
-    free = {}
+    peak = {}   # most live nodes in any round
     for reserved in (0, 1):
         lat = make(4, W=4, slots=4)
         lat.reserved = reserved
@@ -289,8 +289,8 @@ def test_reserved_slots_stay_free_for_a_joining_request() -> None:
         got, records = drive(lat, m, {"a": 20})
         assert got["a"] == m.autoregressive(1, 0, 20)
         assert max(r.live_nodes for r in records) <= 4 - reserved
-        free[reserved] = max(r.live_nodes for r in records)
-    assert free[0] == 4, "without a reservation one request takes every slot"
+        peak[reserved] = max(r.live_nodes for r in records)
+    assert peak[0] == 4, "without a reservation one request takes every slot"
     lat = make(4, W=4, slots=4)
     lat.reserved = 1
     lat.add_request("a", 0, token=1, position=0)
