@@ -111,7 +111,7 @@ class _Rank:
                               bool(h[c.LOGPROBS]) and k + 1 == self.world)
             self.step_seconds += time.perf_counter() - t0
             self.step_calls += 1
-            if self.cand_host is not None and out.device.type == "cpu":
+            if self.cand_host is not None:   # (host candidates: the step ran on the host)
                 rows, cols = out.shape
                 self.cand_host[:rows, :cols] = out.numpy()
             else:
