@@ -26,7 +26,7 @@ def _env(container: dict) -> dict:
 
 @pytest.mark.parametrize("values", PROFILES.values(), ids=PROFILES.keys())
 def test_gpu_request_equals_explorers(values) -> None:
-    explorers = yaml.safe_load(GPU_KEDA_VALUES.read_text())["worker"]["explorers"] if values else 1
+    explorers = yaml.safe_load((GPU_KEDA_VALUES if values else CHART / "values.yaml").read_text())["worker"]["explorers"]
     c = _pod_spec(render(*values), "-worker")["containers"][0]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == str(explorers)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(explorers)
@@ -46,6 +46,14 @@ def test_shared_placement_runs_k_explorers_on_one_gpu() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert (env["DEX_DEVICE"]["value"], env["DEX_EXECUTOR"]["value"], env["DEX_EXPLORERS"]["value"]) == \
         ("cuda", "reference", "4")
+
+
+def test_cpu_workers_default_to_one_process_per_explorer() -> None:
+    env = _env(_pod_spec(render(sets=("worker.gpu.enabled=false",)), "-worker")["containers"][0])
+    assert (env["DEX_DEVICE"]["value"], env["DEX_EXECUTOR"]["value"], env["DEX_EXPLORERS"]["value"]) == \
+        ("cpu", "distributed", "2")
+    one = _env(_pod_spec(render(sets=("worker.gpu.enabled=false", "worker.explorers=1")), "-worker")["containers"][0])
+    assert one["DEX_EXECUTOR"]["value"] == "reference"     # one explorer: plain decoding in one process
 
 
 def test_cpu_workers_without_gpus() -> None:

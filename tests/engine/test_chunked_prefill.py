@@ -1,7 +1,7 @@
 """Chunked prefill inside the round loop: a prompt admitted while other
 requests decode is prefilled a part of a chunk at a time between their rounds
-(a chunk's parts are the reference executor's explorers; the distributed
-executor runs a chunk whole), so they keep committing; nothing it changes is
+(a chunk's parts are its explorers, on both executors and both transports
+between explorer processes), so they keep committing; nothing it changes is
 visible in the tokens (every request still equals `ar` run alone), and a
 request cancelled mid-prefill gives back everything it took."""
 
@@ -81,21 +81,23 @@ def _interleaved(eng: DexEngine, early: list[GenerationRequest], late: Generatio
     return out, during
 
 
-@pytest.mark.parametrize("executor", ["reference", "distributed"])
-def test_running_streams_commit_while_a_long_prompt_prefills(tiny_dirs, executor):
+@pytest.mark.parametrize("executor, transport", [("reference", "auto"), ("distributed", "shm"),
+                                                  ("distributed", "torch")], ids=["reference", "shm", "gloo"])
+def test_running_streams_commit_while_a_long_prompt_prefills(tiny_dirs, executor, transport):
     model = str(tiny_dirs["llama"])
     early = [_req("a", (5, 6, 7), 40), _req("b", (9, 8), 40, seed=11)]
     late = _req("long", LONG, 12, seed=3)
-    # a chunk costs what a round costs, and the share is one round: one chunk per round
-    eng = DexEngine.load(model, _cfg(executor=executor, prefill_share=1.0))
-    log = _scripted_clock(eng)
+    # a part costs what a round costs, and the share is one round: one part of a chunk per round
+    eng = DexEngine.load(model, _cfg(executor=executor, transport=transport, prefill_share=1.0))
+    parts: list = []
+    log = _scripted_clock(eng, parts=parts)
     try:
         out, during = _interleaved(eng, early, late)
     finally:
         eng.close()
-    parts = eng.executor.prefill_parts
-    assert parts == (2 if executor == "reference" else 1)
-    assert len(during) == 10 * parts, "40 prompt positions in chunks of 4, one part of a chunk per round"
+    assert eng.executor.prefill_parts == 2
+    assert len(during) == 10 * 2, "40 prompt positions in chunks of 4, one part of a chunk per round"
+    assert parts[-20:] == [(4 * c, k) for c in range(10) for k in range(2)], "the long prompt's parts in order"
     # every prefill call costs 1 on the scripted clock; the statistics hold all of them, apart from rounds
     assert eng.stats.prefill_seconds == log.count("prefill") >= 10
     assert eng.stats.seconds == log.count("round")
@@ -201,11 +203,12 @@ def test_a_chunk_dearer_than_a_round_waits_for_credit(tiny_dirs, share, every):
 
 
 
-def test_a_chunk_goes_down_the_explorers_one_part_per_round(tiny_dirs):
+@pytest.mark.parametrize("executor", ["reference", "distributed"])
+def test_a_chunk_goes_down_the_explorers_one_part_per_round(tiny_dirs, executor):
     """K=4: each chunk runs as 4 parts (explorer k's layers in part k), in order,
     one between two rounds, chunk after chunk. The tokens are `ar`'s, alone."""
     model = str(tiny_dirs["llama"])
-    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0))
+    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0, executor=executor))
     calls: list = []
     log = _scripted_clock(eng, parts=calls)
     early = [_req("a", (5,), 60), _req("b", (9,), 60, seed=4)]   # (one-token prompts: nothing to prefill)
@@ -222,11 +225,14 @@ def test_a_chunk_goes_down_the_explorers_one_part_per_round(tiny_dirs):
         assert out[r.request_id] == _alone(model, r), r.request_id
 
 
-def test_a_chunk_begun_in_parts_is_finished_before_the_rest_goes_in_whole(tiny_dirs):
+@pytest.mark.parametrize("executor, transport", [("reference", "auto"), ("distributed", "shm"),
+                                                  ("distributed", "torch")], ids=["reference", "shm", "gloo"])
+def test_a_chunk_begun_in_parts_is_finished_before_the_rest_goes_in_whole(tiny_dirs, executor, transport):
     """The running streams end while a chunk is part-way down the explorers: its
-    remaining parts run, then the rest of the prompt in one call."""
+    remaining parts run, then the rest of the prompt in one call (on explorer
+    processes: pipelined whole chunks after the parts, in the same rows)."""
     model = str(tiny_dirs["llama"])
-    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0))
+    eng = DexEngine.load(model, _cfg(explorers=4, prefill_share=1.0, executor=executor, transport=transport))
     calls: list = []
     _scripted_clock(eng, parts=calls)
     early = [_req("a", (5, 6, 7), 5)]

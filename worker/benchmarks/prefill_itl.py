@@ -5,7 +5,8 @@ and after chunked prefill.
         --out worker/benchmarks/results/prefill-itl.json
 
 Four streams decode (held-out prompts, greedy, one engine with the worker's
-default settings: K=4, W=8, compiled steps). After a few rounds a fifth request
+default settings: the auto layout, W=8, compiled steps; `--explorers 4` for the
+K=4 engine in one process that was the default before). After a few rounds a fifth request
 arrives with a 2,000-token prompt. For each setting the script records when
 every token of the four streams commits and reports their inter-token gaps
 over the whole run (p50, p99, worst, worst / median) and the long request's
@@ -130,7 +131,8 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = long_context_copy(card, context, Path(tmp))
         engines = {share: DexEngine.load(model, EngineConfig(
-            mode=args.mode, max_batch=STREAMS + 1, max_context=context, compile=args.compile, prefill_share=share,
+            explorers=args.explorers, executor=args.executor, mode=args.mode, max_batch=STREAMS + 1,
+            max_context=context, compile=args.compile, prefill_share=share,
             prefill_chunk=args.prefill_chunk)) for share in {0.0, args.share}}
         try:
             long_ids = long_prompt(engines[0.0], prompts, args.prompt_tokens)
@@ -141,7 +143,7 @@ def measure(args) -> dict:
                                    args.lead_rounds)
                     if p:
                         runs[name].append(run)
-            width = engines[0.0].info.width
+            info = engines[0.0].info
         finally:
             for eng in engines.values():
                 eng.close()
@@ -152,8 +154,8 @@ def measure(args) -> dict:
         sums = [summary(r) for r in rs]
         result[name] = {k: statistics.median(x[k] for x in sums) if sums[0][k] is not None else None
                         for k in sums[0]} | {"passes": sums}
-    return {"config": {"model": card.name, "positions": context, "explorers": EngineConfig.explorers,
-                       "width": width, "mode": args.mode, "streams": STREAMS,
+    return {"config": {"model": card.name, "positions": context, "explorers": info.explorers,
+                       "executor": info.executor, "width": info.width, "mode": args.mode, "streams": STREAMS,
                        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                        "lead_rounds": args.lead_rounds, "prefill_chunk": args.prefill_chunk,
                        "compile": args.compile, "passes": args.passes},
@@ -169,7 +171,8 @@ def table(doc: dict) -> str:
                     f"{r['worst_over_median']} | {r['worst_gap_admitting_ms'] or '-'} | "
                     f"{r['worst_admitting_over_median'] or '-'} | {r['long_ttft_ms'] or '-'} |")
     return "\n".join([
-        f"{c['streams']} streams of {c['model']} (K={c['explorers']}, W={c['width']}, {c['mode']}, compile="
+        f"{c['streams']} streams of {c['model']} (K={c['explorers']} {c.get('executor', 'reference')}, "
+        f"W={c['width']}, {c['mode']}, compile="
         f"{c['compile']}) while a {c['prompt_tokens']}-token prompt is admitted after {c['lead_rounds']} rounds; "
         f"chunks of {c['prefill_chunk']}; median of {c['passes']} passes", "", *rows, "",
         f"streams identical across settings: {doc['streams_identical_across_settings']}"])
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default=EngineConfig.mode, help="dex (default) or ar: ar's streams commit evenly "
                    "(no collapses), so their gaps show the prefill alone")
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
+    p.add_argument("--explorers", "-K", type=int, default=EngineConfig.explorers,
+                   help="depth explorers (default 0: the engine's auto layout, as a worker with default flags)")
+    p.add_argument("--executor", default=EngineConfig.executor, choices=("auto", "reference", "distributed"))
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--out", default=None)

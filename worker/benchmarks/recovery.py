@@ -11,7 +11,8 @@ the victim before the next trial.
 
 `--config NAME=FLAGS` (repeatable) compares queue settings, e.g. the previous defaults
 `before="--claim-idle-ms 10000 --claim-interval-ms 5000 --heartbeat-interval 2"` against `after=""`
-(today's defaults). Workers run eager (`--no-compile`, 1 thread) unless `--engine-args` says otherwise:
+(today's defaults). Workers run K=4 in one process, eager (`--explorers 4 --no-compile`, 1 thread) unless
+`--engine-args` says otherwise (two workers share the two cores):
 what is measured is the queue's hand-over, not decoding speed.
 """
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after", type=int, default=16, help="tokens received before the kill")
     parser.add_argument("--config", action="append", default=[],
                         help="NAME=QUEUE_FLAGS (repeatable; default: after= today's defaults)")
-    parser.add_argument("--engine-args", default="--no-compile --threads 1")
+    parser.add_argument("--engine-args", default="--explorers 4 --no-compile --threads 1")
     parser.add_argument("--model", default=None, help="default: the shipped model")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)

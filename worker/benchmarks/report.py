@@ -161,14 +161,24 @@ def main() -> None:
                             "worker/benchmarks/results/prefill-pipeline.json`")
     lines += script_section("prefill-itl.json", "prefill_itl",
                             "### Running streams while a long prompt arrives (chunked prefill)",
-                            "`python worker/benchmarks/prefill_itl.py --out worker/benchmarks/results/prefill-itl.json`")
-    dd = load("bench-k2-distributed-default.json")
+                            "`python worker/benchmarks/prefill_itl.py --explorers 4 --out "
+                            "worker/benchmarks/results/prefill-itl.json`")
+    lines += script_section("prefill-itl-default.json", "prefill_itl",
+                            "#### The same with the default layout (K=2, one process per explorer)",
+                            "`python worker/benchmarks/prefill_itl.py --out "
+                            "worker/benchmarks/results/prefill-itl-default.json`")
+    dd = load("bench-default.json")
     if dd:
-        lines += ["### K=2 on two processes with default flags", "",
-                  "`dex bench --executor distributed --explorers 2 --modes ar,dex --limit 50 --max-new-tokens 64` "
-                  "(default W=8, compiled steps, shared memory, 1 thread per explorer; a round runs only its real "
-                  "rows)", ""]
+        lines += ["### `dex bench` with default flags", "",
+                  "`dex bench --limit 50 --max-new-tokens 64 --out worker/benchmarks/results/bench-default.json` "
+                  "(the auto layout: K=2, one process per explorer over shared memory, 1 thread each, compiled "
+                  "steps, W=8; `ar-1proc`: plain decoding in one process with every core's threads)", ""]
         lines += modes_table(dd, "one process per explorer") + [""]
+        single, dex = dd["modes"].get("ar-1proc"), dd["modes"].get("dex")
+        if single and dex:
+            lines += [f"dex: **{dex['tokens_per_s'] / single['tokens_per_s']:.3f}x** plain decoding in one process "
+                      f"(ar-1proc), {dex['tokens_per_s'] / dd['modes']['ar']['tokens_per_s']:.3f}x `ar` on the same "
+                      "explorer processes.", ""]
     lines += script_section("round-overhead.json", "round_overhead", "### Coordination per round (null step)",
                             "`python worker/benchmarks/round_overhead.py --rounds 2000 --repeats 3 --configs "
                             "2x1,4x8,8x16`: every explorer's step costs nothing (scripted readouts), the lattice, "

@@ -309,7 +309,7 @@ adapter file, a relative path resolved under /adapters (its own PVC) or else und
 Worker engine settings → the environment `dex worker` reads (dexserve.launch.engine_options).
 gpu.enabled + placement perExplorer: K explorers, distributed executor, rank k on cuda:k, NCCL.
 gpu.enabled + placement shared: one process, all K explorers on cuda:0.
-no GPU: cpu with engine.executor / engine.transport.
+no GPU: cpu with engine.executor / engine.transport (one explorer: one process).
 */}}
 {{- define "dex.workerGpuCount" -}}
 {{- if eq .Values.worker.gpu.placement "shared" -}}1{{- else -}}{{ .Values.worker.explorers }}{{- end -}}
@@ -330,6 +330,8 @@ no GPU: cpu with engine.executor / engine.transport.
 {{- $executor = "reference" -}}
 {{- $transport = "auto" -}}
 {{- end -}}
+{{- else if le (int $w.explorers) 1 -}}
+{{- $executor = "reference" -}}
 {{- end }}
 - name: DEX_DEVICE
   value: {{ $device | quote }}

@@ -31,6 +31,7 @@ class EngineInfo:
     model: str
     engine: str = "dex"           # dex | standin
     explorers: int = 0
+    executor: str = ""            # reference (one process) | distributed (one per explorer); "" for the stand-in
     mode: str = ""
     lattice_slots: int = 0
     logprobs: bool = False        # fills TokenEvent.logprob / top_logprobs when a request asks

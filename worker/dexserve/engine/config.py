@@ -3,13 +3,14 @@ the stand-in, and the CLI edge that builds this from flags, never import torch).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.engine.lattice import Policy
 
-ExecutorKind = Literal["reference", "distributed"]
+ExecutorKind = Literal["auto", "reference", "distributed"]
 
 
 def parse_mode(mode: str, explorers: int) -> frozenset[int]:
@@ -35,11 +36,15 @@ AUTO_WIDTH = 8       # rows per explorer per round when the width is auto and th
 # are busy long before; a GPU keeps gaining up to a few dozen rows), and the budget, a share of free memory.
 AUTO_BATCH_CAP = {"cpu": 8, "cuda": 64}
 FREE_SHARE = {"cpu": 0.5, "cuda": 0.85}
+# The auto layout's K: two explorers, each in its own process on its own core or GPU. K=2 is the fastest
+# configuration measured on CPU (README, "Explorers on separate devices"), and the one that needs the
+# fewest devices; larger K pays off only where a segment's step dwarfs a round's coordination.
+AUTO_EXPLORERS = 2
 
 
 @dataclass
 class EngineConfig:
-    explorers: int = 4
+    explorers: int = 0                    # depth explorers K; 0: auto (with executor auto, see laid_out)
     width: int | tuple[int, ...] = 0      # rows per explorer per round (one value, or one per explorer); 0: auto
     mode: str = "dex"
     decs: bool = True
@@ -51,7 +56,7 @@ class EngineConfig:
     prefill_chunk: int = 32               # prompt positions per prefill step
     prefill_share: float = 1.0            # while others decode: prefill time per round on average, x a round's time (0: whole prompts at once)
     max_new_tokens: int = DEFAULT_LIMITS.max_new_tokens   # the largest max_new_tokens a request may ask for
-    executor: ExecutorKind = "reference"
+    executor: ExecutorKind = "auto"       # reference: one process | distributed: one per explorer | auto (laid_out)
     transport: str = "auto"               # distributed: auto | shm (same-host CPU) | torch (gloo/NCCL)
     device: str = "cpu"
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (see resolved_dtype)
@@ -59,6 +64,25 @@ class EngineConfig:
     cuda_graphs: bool = True
     threads: int | None = None            # intra-op threads of this process (and of each explorer process)
     adapters: str = "auto"                # boundary adapters: auto (the file next to the model, if any) | none | a path
+
+    def laid_out(self, devices: int, layers: int) -> "EngineConfig":
+        """This config with its layout settled: `devices` is how many the explorers could spread over
+        (CPU cores, or visible GPUs on CUDA), `layers` the model's layer count.
+
+        Auto explorers (0): K = `AUTO_EXPLORERS` (at most `layers`). Auto executor: with auto
+        explorers, one process per explorer (distributed) when there are K devices for them, else
+        all K in this process; with an explicit K, this process (reference), as before: a K the user
+        chose is not spread over processes unless asked (`--executor distributed`)."""
+        if self.explorers < 0:
+            raise ValueError(f"explorers must be >= 1 (or 0 for auto), got {self.explorers}")
+        if self.executor not in ("auto", "reference", "distributed"):
+            raise ValueError(f"unknown executor {self.executor!r} (auto, reference or distributed)")
+        explorers = self.explorers or min(AUTO_EXPLORERS, max(1, layers))
+        executor = self.executor
+        if executor == "auto":
+            spread = not self.explorers and explorers > 1 and devices >= explorers
+            executor = "distributed" if spread else "reference"
+        return dataclasses.replace(self, explorers=explorers, executor=executor)
 
     def widths(self) -> tuple[int, ...]:
         """Rows per explorer step. Auto (0): `AUTO_WIDTH`, or the batch if larger,

@@ -24,7 +24,7 @@ from dexserve.engine.adapters import AdapterInfo, resolve_adapters
 from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.config import AUTO_WIDTH, EngineConfig, parse_mode
-from dexserve.engine.memory import kv_budget, weight_bytes
+from dexserve.engine.memory import kv_budget, parallel_devices, weight_bytes
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.contract.engine import EngineInfo
@@ -103,13 +103,13 @@ class DexEngine:
     # ---- construction ----------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
-        config = config or EngineConfig()
+        card = ModelCard.load(model_dir)
+        config = cls.laid_out(card, config or EngineConfig())
         # This process's intra-op threads; the explorer processes get the same. One explorer per core is the
         # fast path for the distributed executor, so it defaults to one thread per explorer.
         threads = config.threads or (1 if config.executor == "distributed" else None)
         if threads:
             torch.set_num_threads(threads)
-        card = ModelCard.load(model_dir)
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
             raise ModelLoadError(f"{card.path}: hidden_act {dims.act!r} is not supported")
@@ -121,6 +121,12 @@ class DexEngine:
         else:
             raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
         return cls(card, config, executor, load_tokenizer(card))
+
+    @staticmethod
+    def laid_out(card: ModelCard, config: EngineConfig) -> EngineConfig:
+        """`config` with auto explorers and executor settled for this model and the devices here
+        (`EngineConfig.laid_out`)."""
+        return config.laid_out(parallel_devices(config.device), card.num_layers)
 
     @staticmethod
     def sized(card: ModelCard, config: EngineConfig) -> EngineConfig:
@@ -140,7 +146,7 @@ class DexEngine:
 
     @staticmethod
     def executor_spec(card: ModelCard, config: EngineConfig) -> ExecutorSpec:
-        config = DexEngine.sized(card, config)
+        config = DexEngine.sized(card, DexEngine.laid_out(card, config))
         K = config.explorers
         if not 1 <= K <= card.num_layers:
             raise ValueError(f"explorers: K={K} must be in 1..{card.num_layers} (the model's layer count)")
@@ -376,7 +382,8 @@ class DexEngine:
     @property
     def info(self) -> EngineInfo:
         spec = self.executor.spec
-        return EngineInfo(model=self.card.name, engine="dex", explorers=spec.explorers, mode=self.config.mode,
+        return EngineInfo(model=self.card.name, engine="dex", explorers=spec.explorers,
+                          executor=self.config.executor, mode=self.config.mode,
                           lattice_slots=spec.buffers.lattice_slots, logprobs=not spec.null_step,
                           max_batch=spec.buffers.max_batch, width=max(spec.widths))
 

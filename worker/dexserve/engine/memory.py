@@ -78,6 +78,24 @@ def host_available() -> tuple[int, str]:
     return max(0, avail), where
 
 
+def host_cores() -> int:
+    """Cores this process may run on: its CPU affinity, or fewer where a cgroup quota (a container's
+    CPU limit, `cpu.max`) allows less than that many cores' worth of time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = (_read("/sys/fs/cgroup/cpu.max") or "").split()
+    if len(quota) == 2 and quota[0].isdigit() and quota[1].isdigit() and int(quota[1]) > 0:
+        cores = min(cores, max(1, int(quota[0]) // int(quota[1])))
+    return max(1, cores)
+
+
+def parallel_devices(device: str) -> int:
+    """How many devices explorers could spread over: the visible GPUs for `cuda` (one for a
+    numbered `cuda:N`), the usable cores on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.device_count() if torch.device(device).index is None else 1
+    return host_cores()
+
+
 def free_memory(device: str) -> tuple[int, str]:
     """Bytes free on `device` now, and where that figure comes from."""
     if device.startswith("cuda"):

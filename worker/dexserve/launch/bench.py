@@ -10,6 +10,7 @@ adapters). `--adapters none` reports the one column."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -113,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dexserve.contract.model_card import ModelLoadError
 
+    from dexserve.engine.engine import DexEngine
+
     card, prompts = prompts_from_args(args)
+    layout = DexEngine.laid_out(card, engine_config(args))     # auto explorers / executor, settled once
+    args.explorers, args.executor = layout.explorers, layout.executor
     K = args.explorers
     modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]
     if args.modes:
@@ -132,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     columns = {"none": plain.summaries(reference)}
     if configured.adapters:
         columns["adapters"] = results
+    if args.executor == "distributed":
+        # `ar` above ran as DEX's explorers do, one process each; plain decoding's own best is one process
+        results["ar-1proc"] = single_process_ar(args, prompts).summary(reference)
     if args.hf:
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens)
         results["hf-generate"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
@@ -151,6 +159,23 @@ def run(args: argparse.Namespace) -> int:
                                       for c, modes_ in columns.items()})
     emit(doc, args.out, args.json, format_table)
     return 0
+
+
+def single_process_ar(args: argparse.Namespace, prompts: list[str]) -> "ModeResult":
+    """Plain autoregressive decoding in one process (K=1, the reference executor, every core's
+    threads on CPU): what DEX on one process per explorer is compared with."""
+    from dexserve.engine.engine import DexEngine
+    from dexserve.engine.measure import run_mode
+    from dexserve.engine.memory import parallel_devices
+
+    cfg = dataclasses.replace(engine_config(args, mode="ar"), explorers=1, executor="reference", max_batch=1,
+                              adapters="none", threads=args.threads or parallel_devices("cpu"))
+    engine = DexEngine.load(args.model, cfg)
+    try:
+        run_mode(engine, "ar", True, prompts[:1], 4)   # warm-up
+        return run_mode(engine, "ar", True, prompts, args.max_new_tokens)
+    finally:
+        engine.close()
 
 
 def round_profile(profiler, rounds: int, top: int = 12) -> dict:
@@ -177,6 +202,10 @@ def format_table(doc: dict) -> str:
             v = r.get(c)
             cells.append(" ".join(f"{k}:{n}" for k, n in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    single, dex = doc["modes"].get("ar-1proc"), doc["modes"].get("dex")
+    if single and dex and single.get("tokens_per_s") and dex.get("tokens_per_s"):
+        lines.append(f"\ndex on {doc['config']['executor']} explorers: "
+                     f"{dex['tokens_per_s'] / single['tokens_per_s']:.3f}x ar in one process (ar-1proc)")
     comparison = doc.get("comparison")
     if comparison:
         cols = ["none", "adapters"] if "without_adapters" in doc else ["none"]

@@ -10,7 +10,7 @@ import os
 import shutil
 
 from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
-from dexserve.engine.config import AUTO_BATCH_CAP, AUTO_WIDTH, DTYPES, EngineConfig, FREE_SHARE
+from dexserve.engine.config import AUTO_BATCH_CAP, AUTO_EXPLORERS, AUTO_WIDTH, DTYPES, EngineConfig, FREE_SHARE
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -21,8 +21,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                    help="boundary adapters (dex train-adapter): a .safetensors file or a directory holding "
                         "dex_adapters.safetensors, 'none', or 'auto' = dex_adapters.safetensors next to the model "
                         "if there is one (env DEX_ADAPTERS; default auto)")
-    g.add_argument("--explorers", "-K", type=int, default=int(os.environ.get("DEX_EXPLORERS", 4)),
-                   help="depth explorers K (2..layers); the layer stack is cut into K even segments")
+    g.add_argument("--explorers", "-K", type=int, default=int(os.environ.get("DEX_EXPLORERS", EngineConfig.explorers)),
+                   help="depth explorers K (1..layers): the layer stack is cut into K even segments (env "
+                        f"DEX_EXPLORERS; default 0 = auto: K={AUTO_EXPLORERS}, one process per explorer when "
+                        "there is a core, or a GPU on --device cuda, for each; see --executor)")
     g.add_argument("--width", "-W", type=int, default=int(os.environ.get("DEX_WIDTH", 0)),
                    help=f"capacity W: rows each explorer runs per round (env DEX_WIDTH; default 0 = auto: "
                         f"{AUTO_WIDTH}, or the batch if larger)")
@@ -49,8 +51,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                         "on average this many round-times per round; a chunk dearer than that waits a few rounds "
                         "and runs alone, so a running stream's gap grows by one chunk at most; 0 prefills whole "
                         "prompts at once, pausing the running streams (env DEX_PREFILL_SHARE; default 1)")
-    g.add_argument("--executor", choices=("reference", "distributed"), default=os.environ.get("DEX_EXECUTOR", "reference"),
-                   help="reference: all explorers in this process; distributed: one process per explorer")
+    g.add_argument("--executor", choices=("auto", "reference", "distributed"),
+                   default=os.environ.get("DEX_EXECUTOR", EngineConfig.executor),
+                   help="reference: all explorers in this process; distributed: one process per explorer; auto "
+                        "(default, env DEX_EXECUTOR): distributed with the auto K when there are K cores (GPUs) "
+                        "for it, reference otherwise and whenever --explorers is given")
     g.add_argument("--transport", choices=("auto", "shm", "torch"),
                    default=os.environ.get("DEX_TRANSPORT", "auto"),
                    help="distributed executor: shm = shared memory between CPU explorers on this host, "

@@ -95,8 +95,8 @@ def run_worker(settings: WorkerSettings) -> int:
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     telemetry.set_ready()
     info = engine.info
-    log.info("worker %s ready (engine %s, K=%d, batch %d, width %d, context %d; queue %s)", settings.consumer,
-             settings.engine, info.explorers, info.max_batch, info.width, engine.limits.max_context,
+    log.info("worker %s ready (engine %s, K=%d %s, batch %d, width %d, context %d; queue %s)", settings.consumer,
+             settings.engine, info.explorers, info.executor or "-", info.max_batch, info.width, engine.limits.max_context,
              settings.names.requests)
     try:
         return worker.run()

@@ -172,22 +172,39 @@ class DistributedExecutor:
         self.local.sampling()
         self.transport.wait_all()
 
-    prefill_parts = 1   # the explorers pipeline a command's chunks among themselves
+    @property
+    def prefill_parts(self) -> int:
+        return self.spec.explorers
 
     def prefill(self, index: int, token_ids: Sequence[int], start: int = 0, part: int | None = None) -> None:
-        if part not in (None, 0):
-            raise ValueError(f"the distributed executor prefills a chunk whole (part {part})")
-        self._guard(self._prefill, index, token_ids, start)
+        if part is not None:
+            P = self.spec.buffers.prefill_rows
+            if len(token_ids) > P or not 0 <= part < self.prefill_parts:
+                raise ValueError(f"prefill part {part} of a chunk of {len(token_ids)} positions "
+                                 f"(parts 0..{self.prefill_parts - 1}, chunks of at most {P})")
+        self._guard(self._prefill, index, token_ids, start, part)
 
-    def _prefill(self, index: int, token_ids: Sequence[int], start: int = 0) -> None:
-        """Positions start..start+len-1, up to G chunks per command: the explorers
-        pipeline them (explorer k on chunk c while explorer k+1 is on chunk c-1)."""
+    def _prefill(self, index: int, token_ids: Sequence[int], start: int, part: int | None) -> None:
+        """Positions start..start+len-1. Whole (`part` None): up to G chunks per
+        command, which the explorers pipeline (explorer k on chunk c while
+        explorer k+1 is on chunk c-1). `part` k: explorer k's layers of one chunk
+        alone, in chunk 0's rows (part 0 packs them; the later parts read the same
+        packed rows and the hidden rows part k-1 left, which no round touches)."""
         P, G = self.spec.buffers.prefill_rows, self.spec.buffers.prefill_chunks
+        h = self.views.header
+        if part is not None:
+            if part == 0:
+                self.packer.fill_prefill(self.views.prefill_rows[0], index, token_ids, start, 0)
+            h[1], h[2] = 1, part + 1
+            self._send(CMD_PREFILL)
+            self.local.prefill()
+            self.transport.wait_all()
+            return
         for first in range(0, len(token_ids), G * P):
             ats = range(first, min(len(token_ids), first + G * P), P)
             for c, at in enumerate(ats):
                 self.packer.fill_prefill(self.views.prefill_rows[c], index, token_ids[at:at + P], start + at, c)
-            self.views.header[1] = len(ats)
+            h[1], h[2] = len(ats), 0
             self._send(CMD_PREFILL)
             self.local.prefill()
             self.transport.wait_all()

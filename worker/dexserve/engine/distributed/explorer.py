@@ -137,6 +137,10 @@ class _Rank:
         reads the same tensors."""
         P = self.spec.buffers.prefill_rows
         m, inputs = self.prefill_rows
+        part = int(self.views.header[2]) - 1
+        if part >= 0:
+            self._prefill_part(part)
+            return
         for c in range(int(self.views.header[1])):
             m[:] = self.views.prefill_rows[c]
             slots = inputs.slot.to(self.device, non_blocking=True)
@@ -152,6 +156,26 @@ class _Rank:
                 sent = self.transport.handoff_send(rows, self.rank + 1)
                 if sent is not None:
                     sent.wait()
+
+    def _prefill_part(self, part: int) -> None:
+        """Explorer `part`'s layers of the chunk in region 0; the other explorers
+        idle, except that over a collective transport explorer part-1 hands over
+        the hidden rows its own part left (shared memory already holds them)."""
+        m, inputs = self.prefill_rows
+        if self.rank not in (part - 1, part) or (self.rank < part and not self.handing):
+            return
+        m[:] = self.views.prefill_rows[0]
+        slots = inputs.slot.to(self.device, non_blocking=True)
+        if self.rank < part:
+            sent = self.transport.handoff_send(self.step.hidden.index_select(0, slots), part)
+            if sent is not None:
+                sent.wait()
+            return
+        if self.handing and part > 0:
+            buf = torch.empty(len(m), self.step.dims.hidden, dtype=self.spec.dtype, device=self.device)
+            self.transport.handoff_recv(buf, part - 1)
+            self.step.hidden.index_copy_(0, slots, buf)
+        self.prefill_runner(inputs, sampled=False, span=self.prefill_runner.span(prefill_need(m)))
 
     def sampling(self) -> None:
         index, temp, top_k, top_p, seed = self.views.header[1:6].tolist()

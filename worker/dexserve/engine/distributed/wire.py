@@ -13,8 +13,9 @@ Payload layout (int64, `PlanCodec.size` values, allocated once):
     header + off_k          explorer k's rows: [W_k, 7 + A] (token, position, slot,
                             kv_row, request, lo, hi, A ancestor KV rows)
     retire_off              [2, retire_max]: lattice KV rows -> context KV rows
-  prefill: [1] chunks n, rows [G, P, 7 + A] at `prefill_off` (after the round's regions):
-                            chunk c of n fills region c, its hidden rows are chunk c's
+  prefill: [1] chunks n, [2] part + 1 (0: the chunks whole, pipelined; k + 1: explorer k's
+                            layers of chunk 0 alone), rows [G, P, 7 + A] at `prefill_off` (after the
+                            round's regions): chunk c of n fills region c, its hidden rows are chunk c's
   sampling: [1 .. 5] index, temperature (float64 bits), top_k, top_p (bits), seed
 
 Every region sits at a fixed offset, so each side builds its numpy and torch
