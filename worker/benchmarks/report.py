@@ -77,6 +77,14 @@ def speedup_section(sp: dict, title: str, command: str) -> list[str]:
                   f"(**{b['no_coordination_measured_rpt_vs_best_single_process']}x** the best single-process "
                   f"configuration), {b['no_coordination_rpt_1_tokens_per_s']} tokens/s at RPT 1, every proposal "
                   f"right (**{b['no_coordination_rpt_1_vs_best_single_process']}x**).", ""]
+    if "two_cores" in s:
+        t = s["two_cores"]
+        lines += [f"What the second core is worth to each side: `ar` runs **{t['ar_thread_scaling']}x** faster with a "
+                  "second thread (its compiled kernels split each projection over both cores); DEX at K=2 runs two "
+                  f"half-stacks at once, at best 2 / RPT = {t['dex_ideal_vs_ar_1t']}x `ar` at 1 thread (measured: "
+                  f"{t['dex_measured_vs_ar_1t']}x). So on two cores DEX at K=2 can gain at most "
+                  f"**{t['dex_ceiling_vs_ar_2t']}x** over `ar` with 2 threads, with no coordination and no prefill "
+                  "bubble at all.", ""]
     pj = sp["projection"]
     if "step_slowdown_when_concurrent" in pj:
         lines += [f"The coordinator's own explorer step takes {pj['step_slowdown_when_concurrent']}x as long while "

@@ -35,6 +35,8 @@ fi
 if want 3; then
 "$BIN/python" worker/benchmarks/speedup.py --repeats 5 --limit "$N" --max-new-tokens "$T" \
     --out "$OUT/speedup.json"
+# the same with no flags at all: the auto layout, dex in turns with ar in one process (ar-1proc)
+"$BIN/dex" bench --limit "$N" --max-new-tokens "$T" --out "$OUT/bench-default.json"
 fi
 
 # 4. the service: stand-in engine (isolates gateway + queue), then the real engine

@@ -24,7 +24,7 @@ from dexserve.engine.adapters import AdapterInfo, resolve_adapters
 from dexserve.engine.distributed import DistributedExecutor
 from dexserve.engine.executor import Executor, ExecutorFailure, ExecutorSpec, ReferenceExecutor, even_boundaries
 from dexserve.engine.config import AUTO_WIDTH, EngineConfig, parse_mode
-from dexserve.engine.memory import kv_budget, parallel_devices, weight_bytes
+from dexserve.engine.memory import host_cores, kv_budget, parallel_devices, weight_bytes
 from dexserve.engine.lattice import Lattice, LatticeConfig, Policy
 from dexserve.engine.model import ACTIVATIONS, ModelDims
 from dexserve.contract.engine import EngineInfo
@@ -105,11 +105,13 @@ class DexEngine:
     def load(cls, model_dir: str | None, config: EngineConfig | None = None) -> "DexEngine":
         card = ModelCard.load(model_dir)
         config = cls.laid_out(card, config or EngineConfig())
-        # This process's intra-op threads; the explorer processes get the same. One explorer per core is the
-        # fast path for the distributed executor, so it defaults to one thread per explorer.
-        threads = config.threads or (1 if config.executor == "distributed" else None)
-        if threads:
-            torch.set_num_threads(threads)
+        # This process's intra-op threads; the explorer processes get the same. On the distributed executor
+        # each explorer process defaults to its share of the cores (one thread each where there are K).
+        # Set before anything compiles: compiled kernels keep the thread count they were built with.
+        threads = config.threads or (max(1, host_cores() // config.explorers)
+                                     if config.executor == "distributed" else torch.get_num_threads())
+        torch.set_num_threads(threads)
+        config = dataclasses.replace(config, threads=threads)
         dims = ModelDims.from_config(card.config)
         if dims.act not in ACTIVATIONS:
             raise ModelLoadError(f"{card.path}: hidden_act {dims.act!r} is not supported")

@@ -59,26 +59,64 @@ def run_mode(engine: DexEngine, mode: str, decs: bool, prompts: list[str], max_n
     result = ModeResult(mode=mode, stats=engine.stats)
     oracle = OracleResult(engine.executor.spec.explorers) if with_oracle else None
     for i, prompt in enumerate(prompts):
-        req = GenerationRequest(request_id=f"bench-{i}", prompt=prompt, max_new_tokens=max_new_tokens,
-                                sampling=sampling)
-        records: list[RoundRecord] = []
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        engine.add(req)
-        done = False
-        while not done:
-            res = engine.step()
-            if res.record is not None:
-                records.append(res.record)
-            tokens.extend(ev.token_id for ev in res.tokens)
-            done = bool(res.finished)
-        result.seconds += time.perf_counter() - t0
-        result.tokens += len(tokens)
-        result.outputs.append(tokens)
+        records = _decode(engine, result, f"bench-{i}", prompt, max_new_tokens, sampling)
         if oracle is not None:
             oracle.add(ead_oracle(records, engine.executor.spec.explorers))
     result.oracle = oracle
     return result
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One contender of `run_paired`: an engine, the mode it runs, and the intra-op threads of
+    this process while it runs (None: as they are)."""
+    engine: DexEngine
+    mode: str
+    decs: bool = True
+    threads: int | None = None
+
+
+def run_paired(turns: list[Turn], prompts: list[str], max_new_tokens: int,
+               sampling: SamplingParams = SamplingParams()) -> list[ModeResult]:
+    """Several engines on the same prompts, taking turns prompt by prompt: on a machine whose
+    speed drifts over minutes, each contender sees the same spells, so their ratio holds where
+    one-after-the-other timings do not."""
+    import torch
+
+    results, before = [], torch.get_num_threads()
+    for t in turns:
+        t.engine.reconfigure(t.mode, t.decs)
+        results.append(ModeResult(mode=t.mode, stats=t.engine.stats))
+    try:
+        for i, prompt in enumerate(prompts):
+            for t, result in zip(turns, results):
+                if t.threads:
+                    torch.set_num_threads(t.threads)
+                _decode(t.engine, result, f"bench-{i}", prompt, max_new_tokens, sampling)
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def _decode(engine: DexEngine, result: ModeResult, request_id: str, prompt: str, max_new_tokens: int,
+            sampling: SamplingParams) -> list[RoundRecord]:
+    """One prompt to the end on an idle engine, timed into `result`; its round records."""
+    req = GenerationRequest(request_id=request_id, prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling)
+    records: list[RoundRecord] = []
+    tokens: list[int] = []
+    t0 = time.perf_counter()
+    engine.add(req)
+    done = False
+    while not done:
+        res = engine.step()
+        if res.record is not None:
+            records.append(res.record)
+        tokens.extend(ev.token_id for ev in res.tokens)
+        done = bool(res.finished)
+    result.seconds += time.perf_counter() - t0
+    result.tokens += len(tokens)
+    result.outputs.append(tokens)
+    return records
 
 
 def hf_baseline(model_dir: Path, prompts: list[str], max_new_tokens: int,

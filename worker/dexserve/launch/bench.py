@@ -5,7 +5,13 @@ With boundary adapters (`--adapters PATH`, or `auto` finding them next to the
 model) every mode runs twice, without and with them, and the report sets the
 two side by side: each boundary's free-running agreement with the committed
 token, RPT, tokens/s and the identical-to-ar check (both against `ar` without
-adapters). `--adapters none` reports the one column."""
+adapters). `--adapters none` reports the one column.
+
+On explorer processes (the default layout where there are cores for them) the
+`ar` row is ar on those processes, and `ar-1proc` is plain decoding in one
+process with every core's threads, the configuration DEX has to beat: it runs
+in turns with `dex`, prompt by prompt, so both see the same spells of a
+machine whose speed drifts."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING
 from dexserve.launch.engine_options import add_engine_arguments, engine_config
 
 if TYPE_CHECKING:
+    from dexserve.engine.engine import DexEngine
     from dexserve.engine.measure import ModeResult
 
 
@@ -50,6 +57,7 @@ class Variant:
     extra: dict[str, dict] = field(default_factory=dict)   # ead-oracle, dex-profile
     ar_widths: list[int] = field(default_factory=list)
     compile: bool = False
+    single: "ModeResult | None" = None    # ar in one process, in turns with dex (`run_paired`)
 
     def summaries(self, reference: list[list[int]]) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -61,10 +69,12 @@ class Variant:
         return out
 
 
-def measure(args: argparse.Namespace, prompts: list[str], modes: list[str], adapters: str) -> Variant:
-    """Every mode on the prompts with one adapters setting (`auto`, `none` or a path)."""
+def measure(args: argparse.Namespace, prompts: list[str], modes: list[str], adapters: str,
+            single: "DexEngine | None" = None) -> Variant:
+    """Every mode on the prompts with one adapters setting (`auto`, `none` or a path).
+    `single`: plain decoding in one process, timed in turns with `dex`, prompt by prompt."""
     from dexserve.engine.engine import DexEngine
-    from dexserve.engine.measure import run_mode
+    from dexserve.engine.measure import Turn, run_mode, run_paired
 
     def load(mode: str) -> DexEngine:
         # ar is measured as users run it: its steps are one row wide (EngineConfig.widths);
@@ -91,11 +101,19 @@ def measure(args: argparse.Namespace, prompts: list[str], modes: list[str], adap
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-            r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
-                         with_oracle=(mode == "ar"))
+            if mode == "dex" and single is not None and profiler is None:
+                r, v.single = run_paired([Turn(engine, "dex", threads=engine.config.threads),
+                                          Turn(single, "ar", threads=single.config.threads)],
+                                         prompts, args.max_new_tokens)
+            else:
+                r = run_mode(engine, "dex" if mode == "dex-nodecs" else mode, decs, prompts, args.max_new_tokens,
+                             with_oracle=(mode == "ar"))
             if profiler is not None:
                 profiler.disable()
                 v.extra["dex-profile"] = round_profile(profiler, r.stats.rounds)
+                if mode == "dex" and single is not None:   # (not in turns: the profile is dex's alone)
+                    v.single = run_paired([Turn(single, "ar", threads=single.config.threads)], prompts,
+                                          args.max_new_tokens)[0]
             v.runs[mode] = r
             if r.oracle is not None:
                 v.extra["ead-oracle"] = {"rpt": r.oracle.rpt, "accept_hist": r.oracle.accept_hist,
@@ -126,20 +144,25 @@ def run(args: argparse.Namespace) -> int:
 
     # as configured (--adapters auto|PATH|none); when that finds adapters, the same modes again without
     # them: one run reports both, side by side, against the same `ar` reference (ar without adapters)
+    # on explorer processes, `ar` above runs as DEX's explorers do, one process each; plain decoding's
+    # own best is one process: timed in turns with dex, prompt by prompt
+    single = single_process_ar(args, prompts) if args.executor == "distributed" and "dex" in modes else None
     try:
-        configured = measure(args, prompts, modes, args.adapters)
+        configured = measure(args, prompts, modes, args.adapters, single)
         plain = measure(args, prompts, modes, "none") if configured.adapters else configured
     except (ModelLoadError, ValueError) as exc:
         print(f"dex bench: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if single is not None:
+            single.close()
     reference = plain.runs["ar"].outputs
     results = configured.summaries(reference)
     columns = {"none": plain.summaries(reference)}
     if configured.adapters:
         columns["adapters"] = results
-    if args.executor == "distributed":
-        # `ar` above ran as DEX's explorers do, one process each; plain decoding's own best is one process
-        results["ar-1proc"] = single_process_ar(args, prompts).summary(reference)
+    if configured.single is not None:
+        results["ar-1proc"] = configured.single.summary(reference)
     if args.hf:
         s, n, outs = hf_baseline(card.path, prompts, args.max_new_tokens)
         results["hf-generate"] = {"tokens_per_s": round(n / s, 2), "tokens": n, "identical_to_ar": outs == reference}
@@ -161,9 +184,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def single_process_ar(args: argparse.Namespace, prompts: list[str]) -> "ModeResult":
+def single_process_ar(args: argparse.Namespace, prompts: list[str]) -> "DexEngine":
     """Plain autoregressive decoding in one process (K=1, the reference executor, every core's
-    threads on CPU): what DEX on one process per explorer is compared with."""
+    threads on CPU), warmed up: what DEX on one process per explorer is compared with."""
     from dexserve.engine.engine import DexEngine
     from dexserve.engine.measure import run_mode
     from dexserve.engine.memory import parallel_devices
@@ -171,11 +194,8 @@ def single_process_ar(args: argparse.Namespace, prompts: list[str]) -> "ModeResu
     cfg = dataclasses.replace(engine_config(args, mode="ar"), explorers=1, executor="reference", max_batch=1,
                               adapters="none", threads=args.threads or parallel_devices("cpu"))
     engine = DexEngine.load(args.model, cfg)
-    try:
-        run_mode(engine, "ar", True, prompts[:1], 4)   # warm-up
-        return run_mode(engine, "ar", True, prompts, args.max_new_tokens)
-    finally:
-        engine.close()
+    run_mode(engine, "ar", True, prompts[:1], 4)   # warm-up (compilation) outside the measurement
+    return engine
 
 
 def round_profile(profiler, rounds: int, top: int = 12) -> dict:
@@ -205,7 +225,8 @@ def format_table(doc: dict) -> str:
     single, dex = doc["modes"].get("ar-1proc"), doc["modes"].get("dex")
     if single and dex and single.get("tokens_per_s") and dex.get("tokens_per_s"):
         lines.append(f"\ndex on {doc['config']['executor']} explorers: "
-                     f"{dex['tokens_per_s'] / single['tokens_per_s']:.3f}x ar in one process (ar-1proc)")
+                     f"{dex['tokens_per_s'] / single['tokens_per_s']:.3f}x ar in one process (ar-1proc, the two in turns "
+                     "prompt by prompt)")
     comparison = doc.get("comparison")
     if comparison:
         cols = ["none", "adapters"] if "without_adapters" in doc else ["none"]

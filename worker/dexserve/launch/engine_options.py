@@ -70,8 +70,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run steps eagerly instead of replaying captured graphs")
     g.add_argument("--threads", type=int, default=int(os.environ["DEX_THREADS"]) if os.environ.get("DEX_THREADS") else None,
-                   help="torch intra-op threads (env DEX_THREADS; default: 1 per process for --executor distributed, "
-                        "i.e. the coordinator and each explorer; torch's default otherwise)")
+                   help="torch intra-op threads (env DEX_THREADS; default on the distributed executor: each explorer "
+                        "process, the coordinator included, gets its share of the usable cores, cores // K, at "
+                        "least 1; torch's default otherwise)")
     g.add_argument("--dtype", choices=("auto", *DTYPES), default=os.environ.get("DEX_DTYPE", "auto"),
                    help="weights and activations dtype (env DEX_DTYPE; default auto: the checkpoint's own dtype "
                         "on CUDA, float32 on CPU). Every mode equals ar in the same dtype")
