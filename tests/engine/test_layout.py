@@ -37,8 +37,16 @@ def test_laid_out_rejects_bad_values(kw, match) -> None:
 
 def test_host_cores_is_what_this_process_may_use() -> None:
     assert 1 <= host_cores() <= len(os.sched_getaffinity(0))
-    assert parallel_devices("cpu") == host_cores()
+    assert parallel_devices("cpu") == host_cores()     # (this host has a writable /dev/shm)
     assert parallel_devices("cuda:3") == 1
+
+
+def test_no_shared_memory_keeps_the_explorers_in_one_process(monkeypatch, tmp_path) -> None:
+    from dexserve.engine import memory
+
+    monkeypatch.setattr(memory, "SHM_DIR", str(tmp_path / "missing"))
+    assert parallel_devices("cpu") == 1
+    assert EngineConfig().laid_out(parallel_devices("cpu"), 8).executor == "reference"
 
 
 def test_the_default_engine_is_laid_out_for_this_host_and_equals_ar(tiny_dirs) -> None:

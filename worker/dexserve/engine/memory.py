@@ -88,12 +88,16 @@ def host_cores() -> int:
     return max(1, cores)
 
 
+SHM_DIR = "/dev/shm"   # where explorer processes on one host share tensors and semaphores
+
+
 def parallel_devices(device: str) -> int:
     """How many devices explorers could spread over: the visible GPUs for `cuda` (one for a
-    numbered `cuda:N`), the usable cores on CPU."""
+    numbered `cuda:N`), the usable cores on CPU, or one core where there is no writable
+    shared memory for explorer processes to meet in (a bare chroot)."""
     if device.startswith("cuda"):
         return torch.cuda.device_count() if torch.device(device).index is None else 1
-    return host_cores()
+    return host_cores() if os.access(SHM_DIR, os.W_OK | os.X_OK) else 1
 
 
 def free_memory(device: str) -> tuple[int, str]:
