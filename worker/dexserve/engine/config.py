@@ -37,8 +37,8 @@ AUTO_WIDTH = 8       # rows per explorer per round when the width is auto and th
 AUTO_BATCH_CAP = {"cpu": 8, "cuda": 64}
 FREE_SHARE = {"cpu": 0.5, "cuda": 0.85}
 # The auto layout's K: two explorers, each in its own process on its own core or GPU. K=2 is the fastest
-# configuration measured on CPU (README, "Explorers on separate devices"), and the one that needs the
-# fewest devices; larger K pays off only where a segment's step dwarfs a round's coordination.
+# DEX layout measured on CPU (README, "Explorers on separate devices"), and the one that needs the fewest
+# devices; larger K pays off only where a segment's step dwarfs a round's coordination.
 AUTO_EXPLORERS = 2
 
 
