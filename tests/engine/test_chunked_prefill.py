@@ -275,3 +275,15 @@ def test_a_request_joins_a_lattice_whose_slots_one_request_filled(tiny_dirs, exe
         eng.close()
     for r in (a, b):
         assert out[r.request_id] == _alone(model, r), r.request_id
+
+
+@pytest.mark.parametrize("executor", ["reference", "distributed"])
+def test_a_prefill_part_outside_the_explorers_or_the_chunk_is_refused(tiny_dirs, executor):
+    eng = DexEngine.load(str(tiny_dirs["llama"]), _cfg(executor=executor))
+    try:
+        with pytest.raises(ValueError, match="prefill part 2 of a chunk of 4 positions"):
+            eng.executor.prefill(0, [1, 2, 3, 4], 0, part=2)          # K=2: parts 0 and 1
+        with pytest.raises(ValueError, match="chunks of at most 4"):
+            eng.executor.prefill(0, [1, 2, 3, 4, 5], 0, part=0)       # one chunk is 4 positions here
+    finally:
+        eng.close()

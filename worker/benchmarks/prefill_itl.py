@@ -45,7 +45,7 @@ from pathlib import Path
 
 from dexserve.contract.model_card import ModelCard
 from dexserve.contract.request import GenerationRequest
-from dexserve.engine.config import EngineConfig
+from dexserve.engine.config import EXECUTORS, EngineConfig
 from dexserve.engine.engine import DexEngine
 from dexserve.engine.measure import load_prompts
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     p.add_argument("--explorers", "-K", type=int, default=EngineConfig.explorers,
                    help="depth explorers (default 0: the engine's auto layout, as a worker with default flags)")
-    p.add_argument("--executor", default=EngineConfig.executor, choices=("auto", "reference", "distributed"))
+    p.add_argument("--executor", default=EngineConfig.executor, choices=EXECUTORS)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--out", default=None)

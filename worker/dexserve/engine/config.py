@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from dexserve.contract.limits import DEFAULT_LIMITS, Limits
 from dexserve.engine.lattice import Policy
 
 ExecutorKind = Literal["auto", "reference", "distributed"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorKind)
 
 
 def parse_mode(mode: str, explorers: int) -> frozenset[int]:
@@ -75,8 +76,8 @@ class EngineConfig:
         chose is not spread over processes unless asked (`--executor distributed`)."""
         if self.explorers < 0:
             raise ValueError(f"explorers must be >= 1 (or 0 for auto), got {self.explorers}")
-        if self.executor not in ("auto", "reference", "distributed"):
-            raise ValueError(f"unknown executor {self.executor!r} (auto, reference or distributed)")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r} (one of {', '.join(EXECUTORS)})")
         explorers = self.explorers or min(AUTO_EXPLORERS, max(1, layers))
         executor = self.executor
         if executor == "auto":

@@ -116,12 +116,9 @@ class DexEngine:
         if dims.act not in ACTIVATIONS:
             raise ModelLoadError(f"{card.path}: hidden_act {dims.act!r} is not supported")
         spec = cls.executor_spec(card, config)   # sizes an auto batch; the engine takes it from the spec
-        if config.executor == "reference":
-            executor: Executor = ReferenceExecutor(card, spec)
-        elif config.executor == "distributed":
-            executor = DistributedExecutor(card, spec, threads=threads, transport=config.transport)
-        else:
-            raise ValueError(f"unknown executor {config.executor!r} (reference or distributed)")
+        # (laid_out settled the executor: reference or distributed)
+        executor: Executor = DistributedExecutor(card, spec, threads=threads, transport=config.transport) \
+            if config.executor == "distributed" else ReferenceExecutor(card, spec)
         return cls(card, config, executor, load_tokenizer(card))
 
     @staticmethod

@@ -94,6 +94,14 @@ def row_buckets(width: int) -> tuple[int, ...]:
     return (*out, width)
 
 
+def check_prefill_part(part: int, positions: int, parts: int, chunk: int) -> None:
+    """A prefill part (`Executor.prefill(..., part=k)`) is one of the executor's `parts` and covers
+    one chunk of at most `chunk` positions."""
+    if positions > chunk or not 0 <= part < parts:
+        raise ValueError(f"prefill part {part} of a chunk of {positions} positions "
+                         f"(parts 0..{parts - 1}, chunks of at most {chunk})")
+
+
 class StepRunner:
     """Runs one explorer step: eager, compiled, or as a CUDA graph.
 
@@ -455,9 +463,7 @@ class ReferenceExecutor:
         P = self.spec.buffers.prefill_rows
         m, inputs = self.prefill_rows
         if part is not None:
-            if len(token_ids) > P or not 0 <= part < self.prefill_parts:
-                raise ValueError(f"prefill part {part} of a chunk of {len(token_ids)} positions "
-                                 f"(parts 0..{self.prefill_parts - 1}, chunks of at most {P})")
+            check_prefill_part(part, len(token_ids), self.prefill_parts, P)
             if part == 0:
                 self.packer.fill_prefill(m, index, token_ids, start)
             for runner in self.prefill_runners[part:part + 1]:

@@ -10,7 +10,8 @@ import os
 import shutil
 
 from dexserve.commands.options import add_limit_arguments, limit_flags, limits_from_args
-from dexserve.engine.config import AUTO_BATCH_CAP, AUTO_EXPLORERS, AUTO_WIDTH, DTYPES, EngineConfig, FREE_SHARE
+from dexserve.engine.config import (AUTO_BATCH_CAP, AUTO_EXPLORERS, AUTO_WIDTH, DTYPES, EXECUTORS, EngineConfig,
+                                    FREE_SHARE)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) -> None:
@@ -51,7 +52,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
                         "on average this many round-times per round; a chunk dearer than that waits a few rounds "
                         "and runs alone, so a running stream's gap grows by one chunk at most; 0 prefills whole "
                         "prompts at once, pausing the running streams (env DEX_PREFILL_SHARE; default 1)")
-    g.add_argument("--executor", choices=("auto", "reference", "distributed"),
+    g.add_argument("--executor", choices=EXECUTORS,
                    default=os.environ.get("DEX_EXECUTOR", EngineConfig.executor),
                    help="reference: all explorers in this process; distributed: one process per explorer; auto "
                         "(default, env DEX_EXECUTOR): distributed with the auto K when there are K cores (GPUs) "

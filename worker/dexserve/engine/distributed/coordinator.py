@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from dexserve.engine.distributed.explorer import _Rank, explorer_process, init_group
 from dexserve.engine.distributed.wire import (CMD_PREFILL, CMD_ROUND, CMD_SAMPLING, CMD_STOP, ExplorerSettings,
                                               PlanCodec, f2i)
-from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker
+from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, check_prefill_part
 from dexserve.engine.lattice import Plan, Readout
 from dexserve.engine.model import ModelDims
 from dexserve.contract.model_card import ModelCard
@@ -178,10 +178,7 @@ class DistributedExecutor:
 
     def prefill(self, index: int, token_ids: Sequence[int], start: int = 0, part: int | None = None) -> None:
         if part is not None:
-            P = self.spec.buffers.prefill_rows
-            if len(token_ids) > P or not 0 <= part < self.prefill_parts:
-                raise ValueError(f"prefill part {part} of a chunk of {len(token_ids)} positions "
-                                 f"(parts 0..{self.prefill_parts - 1}, chunks of at most {P})")
+            check_prefill_part(part, len(token_ids), self.prefill_parts, self.spec.buffers.prefill_rows)
         self._guard(self._prefill, index, token_ids, start, part)
 
     def _prefill(self, index: int, token_ids: Sequence[int], start: int, part: int | None) -> None:
