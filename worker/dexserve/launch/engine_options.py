@@ -42,7 +42,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, modes: bool = True) ->
     g.add_argument("--kv-memory", type=float,
                    default=float(os.environ["DEX_KV_MEMORY"]) if os.environ.get("DEX_KV_MEMORY") else None,
                    help="GiB for the KV cache, which sizes an auto --max-batch (env DEX_KV_MEMORY; default: "
-                        f"{FREE_SHARE['cuda']:.0%} of the GPU's free memory, {FREE_SHARE['cpu']:.0%} of the host's "
+                        f"{FREE_SHARE['cuda']:.0%}% of the GPU's free memory, {FREE_SHARE['cpu']:.0%}% of the host's "
                         "available memory, less the weights)")
     g.add_argument("--prefill-chunk", type=int, default=int(os.environ.get("DEX_PREFILL_CHUNK", EngineConfig.prefill_chunk)),
                    help="prompt positions per prefill step (env DEX_PREFILL_CHUNK)")
