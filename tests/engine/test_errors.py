@@ -120,3 +120,14 @@ def test_cli_json_output(tiny_dirs):
     assert {"text", "token_ids", "rounds", "rpt", "accept_hist", "fallbacks"} <= set(out)
     assert out["rounds"] >= 6 and out["rpt"] == round(out["rounds"] / 6, 4)
     assert sum(out["accept_hist"].values()) == 6
+
+
+def test_cli_json_reports_the_layout_it_ran(tiny_dirs):
+    """With no layout flags the JSON names the resolved layout (not the flag's 0 = auto), and the
+    engine is closed before exit: no explorer process or semaphore outlives the command."""
+    r = dex("generate", "--model", str(tiny_dirs["llama"]), "--prompt", "def f(x):", "--max-new-tokens", "4",
+            "--ignore-eos", "--json", "--no-compile")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["explorers"] >= 1 and out["executor"] in ("reference", "distributed") and out["width"] >= 1
+    assert "leaked" not in r.stderr, r.stderr

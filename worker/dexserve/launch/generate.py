@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         engine = DexEngine.load(args.model, engine_config(args))
+    except (ModelLoadError, ValueError) as exc:
+        print(f"dex generate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         req = GenerationRequest(request_id=uuid.uuid4().hex, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                                 sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
                                 stop=tuple(args.stop), ignore_eos=args.ignore_eos)
@@ -61,16 +65,18 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
         seconds = time.perf_counter() - t0
-    except (ModelLoadError, InvalidRequest, ValueError) as exc:
+    except (InvalidRequest, ValueError) as exc:
         print(f"dex generate: error: {exc}", file=sys.stderr)
         return 2
-    stats = engine.stats
+    finally:
+        engine.close()   # explorer processes, and the shared memory they met in
+    stats, info = engine.stats, engine.info
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": token_ids,
                           "finish_reason": finish.reason.value if finish else None,
                           "rounds": stats.rounds, "rpt": stats.rpt, "accept_hist": stats.accept_hist,
                           "fallbacks": stats.fallbacks, "wasted_node_segments": stats.wasted_node_segments,
-                          "mode": args.mode, "explorers": args.explorers, "width": args.width,
+                          "mode": args.mode, "explorers": info.explorers, "executor": info.executor, "width": info.width,
                           "adapters": engine.adapters.as_dict() if engine.adapters else None,
                           "seconds": round(seconds, 4),
                           "tokens_per_s": round(len(token_ids) / seconds, 2) if seconds > 0 else None}))
