@@ -101,4 +101,5 @@ def run_worker(settings: WorkerSettings) -> int:
     try:
         return worker.run()
     finally:
+        engine.close()   # explorer processes stop with their worker, not at interpreter exit
         telemetry.shutdown()
