@@ -30,7 +30,8 @@ SCRIPTS = {
     "speedup": (["--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--exits", "2", "--project", "",
                  "--no-compile"], lambda d: d["summary"]["dex_vs_best_single_process"]
                 and d["summary"]["bounds"]["no_coordination_rpt_1_tokens_per_s"] > 0
-                and len(d["summary"]["dex_vs_best_single_process_paired_repeats"]) == 1),
+                and len(d["summary"]["dex_vs_best_single_process_paired_repeats"]) == 1
+                and d["runs"]["dex-K2-2proc-1t"]["round_split_ms"]["step"] > 0),
     "recovery": (["--trials", "1", "--tokens", "40", "--kill-after", "6", "--engine-args",
                   "--no-compile --threads 1 --explorers 2 --width 2"], lambda d: d["configs"][0]["trials_s"]),
 }

@@ -77,6 +77,14 @@ def speedup_section(sp: dict, title: str, command: str) -> list[str]:
                   f"(**{b['no_coordination_measured_rpt_vs_best_single_process']}x** the best single-process "
                   f"configuration), {b['no_coordination_rpt_1_tokens_per_s']} tokens/s at RPT 1, every proposal "
                   f"right (**{b['no_coordination_rpt_1_vs_best_single_process']}x**).", ""]
+    split = sp["runs"].get("dex-K2-2proc-1t", {}).get("round_split_ms")
+    if split:
+        lines += ["Where a DEX round goes, ms per round of the median pass, real steps (`round_split_ms`; the "
+                  "null-step table below times the same phases with steps that cost nothing):", "",
+                  "| " + " | ".join(k.replace("_", " ") for k in split) + " | all but the step |",
+                  "|" + "---|" * (len(split) + 1),
+                  "| " + " | ".join(str(v) for v in split.values())
+                  + f" | {round(sum(split.values()) - split['step'], 4)} |", ""]
     if "two_cores" in s:
         t = s["two_cores"]
         lines += [f"What the second core is worth to each side: `ar` runs **{t['ar_thread_scaling']}x** faster with a "

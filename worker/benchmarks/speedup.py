@@ -26,6 +26,7 @@ import torch
 
 from dexserve.engine.measure import hf_baseline, run_mode
 from dexserve.launch.report import add_prompt_arguments, emit, prompts_from_args
+from dexserve.engine.distributed.coordinator import PHASES
 from dexserve.engine.engine import DexEngine, EngineConfig
 
 
@@ -41,7 +42,9 @@ def measure(eng: DexEngine, mode: str, prompts: list[str], new: int, local_step:
     explorer step time (distributed), to set beside the same step run alone."""
     run_mode(eng, mode, True, prompts[:1], 8)  # warm-up (compilation, first allocations)
     if local_step:
-        eng.executor.local.step_seconds, eng.executor.local.step_calls = 0.0, 0
+        ex = eng.executor
+        ex.local.step_seconds, ex.local.step_calls = 0.0, 0
+        ex.phase_seconds = [0.0] * len(PHASES)
     r = run_mode(eng, mode, True, prompts, new)
     s = r.stats
     out = {"tokens": r.tokens, "seconds": round(r.seconds, 3), "tokens_per_s": round(r.tokens / r.seconds, 2),
@@ -51,7 +54,24 @@ def measure(eng: DexEngine, mode: str, prompts: list[str], new: int, local_step:
     if local_step:
         local = eng.executor.local
         out["coordinator_step_ms"] = round(1e3 * local.step_seconds / max(1, local.step_calls), 4)
+        out["round_split_ms"] = round_split(r.seconds, s, eng.executor)
     return out
+
+
+def round_split(seconds: float, stats, ex) -> dict[str, float]:
+    """Where a distributed round's wall time goes, ms per round, real steps (the null-step
+    benchmark, round_overhead.py, times the same phases with steps that cost nothing):
+    the coordinator's own explorer step; its bookkeeping around it (retire copies, candidate
+    copy); the wait for the other explorers' answers (their step past the coordinator's, their
+    wake-up and answer); pack + signal + decode; the lattice (plan, absorb); prompt prefill
+    (spread over the rounds); and the engine's own Python (records, stats, detokenization)."""
+    per = 1e3 / max(1, stats.rounds)
+    ph = dict(zip(PHASES, ex.phase_seconds))
+    split = {"step": ex.local.step_seconds, "step_bookkeeping": ph["local"] - ex.local.step_seconds,
+             "wait": ph["wait"], "pack_signal_decode": ph["pack"] + ph["signal"] + ph["decode"],
+             "lattice": stats.lattice_seconds, "prefill": stats.prefill_seconds}
+    split["engine"] = max(0.0, seconds - sum(split.values()))
+    return {k: round(v * per, 4) for k, v in split.items()}
 
 
 def _threads(n: int, run: Callable[[], dict]) -> dict:
@@ -226,6 +246,12 @@ def two_cores(dex: dict, ar_1t: dict, ar_2t: dict) -> dict:
             "dex_measured_vs_ar_1t": round(dex["tokens_per_s"] / ar_1t["tokens_per_s"], 3)}
 
 
+def round_split_line(split: dict[str, float]) -> str:
+    return ("where a DEX round goes, ms per round (the median pass; real steps): "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in split.items())
+            + f"; all but the step: {round(sum(split.values()) - split['step'], 4)}")
+
+
 def table(doc: dict) -> str:
     lines = ["| run | tokens/s | RPT | ms/round | identical_to_ar |", "|---|---|---|---|---|"]
     for name, r in doc["runs"].items():
@@ -244,6 +270,9 @@ def table(doc: dict) -> str:
         lines.append(f"the second core: ar gains {t['ar_thread_scaling']}x from a second thread; DEX at K=2 at most "
                      f"2/RPT = {t['dex_ideal_vs_ar_1t']}x ar 1 thread (measured {t['dex_measured_vs_ar_1t']}x), so at "
                      f"most {t['dex_ceiling_vs_ar_2t']}x ar with 2 threads")
+    split = doc["runs"]["dex-K2-2proc-1t"].get("round_split_ms")
+    if split:
+        lines.append(round_split_line(split))
     b = sm["bounds"]
     lines.append(f"bound with no coordination at the measured RPT: {b['no_coordination_measured_rpt_vs_best_single_process']}x; "
                  f"at RPT 1: {b['no_coordination_rpt_1_vs_best_single_process']}x the best single-process configuration")
