@@ -261,8 +261,8 @@ def run(args: argparse.Namespace) -> int:
         stack.start(n_start)
         scaling = f" (autoscale {lo}..{hi})" if hi > lo else ""
         http = f" (gRPC) and http://{args.host}:{args.http_port}/v1 (OpenAI HTTP)" if args.http_port else ""
-        print(f"dex up: serving on {args.host}:{args.port}{http} with {n_start} worker(s){scaling}; Ctrl-C to stop",
-              flush=True)
+        print(f"dex up: serving on {args.host}:{args.port}{http} with {n_start} worker(s){scaling}; requests queue "
+              "until a worker logs 'ready' (its engine loaded); Ctrl-C to stop", flush=True)
         if hi > lo:
             stack.autoscale(lo, hi)
         while stack.healthy():

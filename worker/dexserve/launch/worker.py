@@ -80,6 +80,11 @@ def run_worker(settings: WorkerSettings) -> int:
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     telemetry = start_worker_telemetry(settings.telemetry)   # /healthz is 503 until the engine has loaded
+    if settings.engine == "dex" and settings.engine_config.compile:
+        from dexserve.engine.executor import compile_cache_dir
+
+        log.info("worker %s loading the engine: its first start on a host compiles the explorer steps (minutes on "
+                 "CPU), later starts load them from %s", settings.consumer, compile_cache_dir())
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
