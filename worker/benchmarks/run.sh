@@ -102,3 +102,17 @@ RUNS=${RUNS:-runs}
     --adapters full-selfgen="$RUNS/bench/selfgen/dex_adapters.safetensors" \
     --limit 20 --max-new-tokens 64 --out "$OUT/adapters.json"
 fi
+
+# 11. boundary adapters on the shipped early-exit model, on its own outputs (not in the default STEPS: 12 minutes
+#     of training first), then dex RPT at K=2, 4, 8 without and with them on the held-out prompts
+if want 11; then
+RUNS=${RUNS:-runs}
+"$BIN/python" worker/benchmarks/adapters.py corpus --out "$RUNS/bench/stdlib-train.jsonl"
+"$BIN/dex" train-adapter --model service/dexserve/models/dexcode-6m --data "$RUNS/bench/stdlib-train.jsonl" \
+    --explorers 8 --self-generate 100000 --generate-share 0.3 --minutes 12 --lr 1e-2 --threads 2 \
+    --out "$RUNS/bench/shipped-selfgen/dex_adapters.safetensors" --no-progress
+for K in 2 4 8; do
+    "$BIN/dex" bench --explorers $K --width 8 --limit 50 --max-new-tokens 64 --threads 1 --no-compile --modes dex \
+        --adapters "$RUNS/bench/shipped-selfgen/dex_adapters.safetensors" --out "$OUT/bench-shipped-adapters-k$K.json"
+done
+fi
