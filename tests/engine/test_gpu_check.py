@@ -143,3 +143,17 @@ def test_real_mode_on_the_gpu(tmp_path):
         assert ad["equality"]["dex_graph_vs_eager"] and ad["equality"]["dex_equal_to_ar"]
         assert ad["equality"]["adapters_change_readouts"]
         assert "replay_only" in ad["timing"]["isolated_step_us_per_explorer"]
+
+
+def test_a_dex_mismatch_reports_the_reference_margin_there(tmp_path):
+    """Where dex and ar part, the check records Hugging Face's top-1 minus top-2 logit at ar's prefix:
+    near zero says a numerical tie between kernels, large says a lattice error."""
+    out = tmp_path / "bad.json"
+    proc = gpu_check(out, "--device", "cpu", "--dry", "--explorers", "2", "--distributed", "off", "--no-adapters",
+                     "--inject-mismatch")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    failed = {c["name"]: c for c in doc["checks"] if not c["passed"]}
+    assert "K=2 dex == ar" in failed
+    margin = doc["by_k"]["2"]["equality"]["modes"]["dex"]["hf_top2_margin_at_diff"]
+    assert isinstance(margin, float) and margin >= 0

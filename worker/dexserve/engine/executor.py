@@ -249,6 +249,14 @@ class StepRunner:
         return graph, static_in, static_out
 
 
+def settle(device: torch.device) -> None:
+    """Wait for the device's queued work. A prefill command reads nothing back, so on a GPU it would
+    return once its kernels are queued: the engine times each chunk to share a round's time between
+    prefill and the running streams (`prefill_share`), and must see what the chunk cost."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def compile_cache_dir() -> str:
     """Where compiled steps are cached across start-ups: $TORCHINDUCTOR_CACHE_DIR if
     set, else $XDG_CACHE_HOME/dexserve/inductor (default ~/.cache/dexserve/inductor)."""
@@ -468,11 +476,13 @@ class ReferenceExecutor:
                 self.packer.fill_prefill(m, index, token_ids, start)
             for runner in self.prefill_runners[part:part + 1]:
                 runner(inputs, sampled=False)
+            settle(torch.device(self.spec.device))
             return
         for at in range(0, len(token_ids), P):
             self.packer.fill_prefill(m, index, token_ids[at:at + P], start + at)
             for runner in self.prefill_runners:
                 runner(inputs, sampled=False)  # prefill readouts are not used
+        settle(torch.device(self.spec.device))
 
     @torch.no_grad()
     def run(self, plan: Plan, logprobs: bool = False) -> Readout:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from dexserve.engine.distributed.wire import (CMD_PREFILL, CMD_ROUND, CMD_SAMPLING, CMD_STOP, ExplorerSettings,
                                               PlanCodec, i2f)
-from dexserve.engine.executor import ExecutorSpec, RowPacker, StepRunner, prefill_need, warm_up
+from dexserve.engine.executor import ExecutorSpec, RowPacker, StepRunner, prefill_need, settle, warm_up
 from dexserve.engine.model import load_weights, rotary_tables
 from dexserve.contract.model_card import ModelCard
 from dexserve.engine.step import ExplorerStep
@@ -140,7 +140,11 @@ class _Rank:
         part = int(self.views.header[2]) - 1
         if part >= 0:
             self._prefill_part(part)
-            return
+        else:
+            self._prefill_chunks(P, m, inputs)
+        settle(self.device)   # answered only once the chunk's kernels ran: the engine times prefill
+
+    def _prefill_chunks(self, P: int, m, inputs) -> None:
         for c in range(int(self.views.header[1])):
             m[:] = self.views.prefill_rows[c]
             slots = inputs.slot.to(self.device, non_blocking=True)
