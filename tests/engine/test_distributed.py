@@ -138,3 +138,19 @@ def test_idle_explorers_outlive_the_answer_timeout(tiny_dirs, transport):
         assert all(p.is_alive() for p in ex.procs)
     finally:
         eng.close()
+
+
+def test_each_rank_finds_its_own_device(monkeypatch):
+    """Explorer processes spawned here number their GPUs by rank; under torchrun a rank's GPU is its
+    index on its own host (LOCAL_RANK), since another host's GPUs count from 0 again."""
+    from dexserve.engine.distributed.explorer import rank_device
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert rank_device(3, "cpu").type == "cpu"
+    assert str(rank_device(0, "cuda")) == "cuda:0" and str(rank_device(3, "cuda")) == "cuda:3"
+    monkeypatch.setenv("LOCAL_RANK", "1")          # not under torchrun: a stray LOCAL_RANK is not ours
+    assert str(rank_device(3, "cuda")) == "cuda:3"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")          # torchrun over two hosts of two GPUs: rank 3 is host 2's GPU 1
+    assert str(rank_device(3, "cuda")) == "cuda:1"

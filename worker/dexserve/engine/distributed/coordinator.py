@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dexserve.engine.distributed.explorer import _Rank, explorer_process, init_group
+from dexserve.engine.distributed.explorer import _Rank, explorer_process, init_group, rank_device
 from dexserve.engine.distributed.wire import (CMD_PREFILL, CMD_ROUND, CMD_SAMPLING, CMD_STOP, ExplorerSettings,
                                               PlanCodec, f2i)
 from dexserve.engine.executor import ExecutorFailure, ExecutorSpec, RowPacker, check_prefill_part
@@ -112,7 +112,7 @@ class DistributedExecutor:
             self.transport: Transport = CollectiveTransport(0, world)
             payload = torch.zeros(self.codec.size, dtype=torch.long)
             cand = torch.zeros(wmax, self.codec.cand_width, dtype=torch.long,
-                               device="cpu" if spec.device == "cpu" else "cuda:0")
+                               device=rank_device(0, spec.device))
             self.cand_all = None
         else:
             self.transport = SharedMemoryTransport(0, world, shared, self._check_alive, self.timeout)

@@ -21,6 +21,17 @@ from dexserve.engine.step import ExplorerStep
 from dexserve.engine.transport import CollectiveTransport, SharedMemoryTransport, SharedRound, Transport, parent_watch
 
 
+def rank_device(rank: int, device: str) -> torch.device:
+    """Where rank `rank`'s explorer runs: the host, or its own GPU. Under torchrun that GPU is the
+    rank's index on its own host (LOCAL_RANK: ranks on other hosts count from 0 there); explorer
+    processes this host spawned number their GPUs by rank."""
+    if device == "cpu":
+        return torch.device("cpu")
+    env = os.environ
+    torchrun = "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env
+    return torch.device(f"cuda:{int(env['LOCAL_RANK']) if torchrun else rank}")
+
+
 def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
@@ -55,7 +66,7 @@ class _Rank:
     @classmethod
     def build(cls, rank: int, card: ModelCard, spec: ExecutorSpec, transport: Transport,
               payload: torch.Tensor, cand: torch.Tensor, hidden: torch.Tensor | None = None) -> "_Rank":
-        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{rank}")
+        device = rank_device(rank, spec.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         spec = dataclasses.replace(spec, device=str(device))
@@ -214,7 +225,7 @@ def run_rank(rank: int, settings: ExplorerSettings, transport: Transport, shared
     else:
         payload = torch.zeros(codec.size, dtype=torch.long)
         cand = torch.zeros(max(settings.spec.widths), codec.cand_width, dtype=torch.long,
-                           device="cpu" if settings.spec.device == "cpu" else f"cuda:{rank}")
+                           device=rank_device(rank, settings.spec.device))
         hidden = None
     me = _Rank.build(rank, ModelCard.load(settings.model_path), settings.spec, transport, payload, cand, hidden)
     transport.ready()
@@ -225,6 +236,9 @@ def explorer_process(rank: int, world: int, port: int, settings: ExplorerSetting
                      shared: SharedRound | None) -> None:
     """Entry of an explorer process the coordinator spawned (not torchrun)."""
     settings.apply()
+    if settings.spec.device.startswith("cuda"):
+        torch.cuda.set_device(rank_device(rank, settings.spec.device))   # before NCCL starts: its communicators
+                                                                          # belong to this rank's GPU
     if shared is None:
         init_group(rank, world, port, settings.spec.device, settings.timeout)
         transport: Transport = CollectiveTransport(rank, world)
