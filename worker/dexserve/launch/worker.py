@@ -106,5 +106,7 @@ def run_worker(settings: WorkerSettings) -> int:
     try:
         return worker.run()
     finally:
-        engine.close()   # explorer processes stop with their worker, not at interpreter exit
-        telemetry.shutdown()
+        try:
+            engine.close()   # explorer processes stop with their worker, not at interpreter exit
+        finally:
+            telemetry.shutdown()
