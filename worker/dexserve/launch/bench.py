@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dexserve.launch.engine_options import add_engine_arguments, engine_config
+from dexserve.launch.engine_options import add_engine_arguments, compile_notice, engine_config
 
 if TYPE_CHECKING:
     from dexserve.engine.engine import DexEngine
@@ -135,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from dexserve.engine.engine import DexEngine
 
     card, prompts = prompts_from_args(args)
-    layout = DexEngine.laid_out(card, engine_config(args))     # auto explorers / executor, settled once
+    config = engine_config(args)
+    if notice := compile_notice(config):
+        print(f"dex bench: {notice}", file=sys.stderr, flush=True)
+    layout = DexEngine.laid_out(card, config)     # auto explorers / executor, settled once
     args.explorers, args.executor = layout.explorers, layout.executor
     K = args.explorers
     modes = ["ar"] + [f"select:{j}" for j in range(1, K)] + ["dex", "dex-nodecs"]

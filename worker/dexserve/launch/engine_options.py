@@ -120,6 +120,20 @@ def compile_default(args: argparse.Namespace) -> bool:
     return True
 
 
+def compile_notice(config: EngineConfig) -> str | None:
+    """What to tell someone waiting on an engine whose steps compile, before it loads: on a cold
+    cache that takes minutes on CPU (README, "Use it"), and silence would look like a hang."""
+    if not config.compile:
+        return None
+    from dexserve.engine.executor import compile_cache_dir
+
+    cache = compile_cache_dir()
+    if os.path.isdir(cache) and os.listdir(cache):
+        return None
+    return (f"compiling the explorer steps: the first start on a host takes minutes on CPU, later starts load "
+            f"them from {cache} (--no-compile starts at once, with slower eager steps)")
+
+
 def engine_config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
     limits = limits_from_args(args)
     return EngineConfig(explorers=args.explorers, width=args.width, mode=mode or getattr(args, "mode", "dex"),

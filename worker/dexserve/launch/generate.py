@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 
-from dexserve.launch.engine_options import add_engine_arguments, engine_config
+from dexserve.launch.engine_options import add_engine_arguments, compile_notice, engine_config
 
 
 HELP = "Generate text, locally with the engine or from a running service (--server)."
@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from dexserve.contract.request import Finished, GenerationRequest, InvalidRequest, SamplingParams
 
     try:
-        engine = DexEngine.load(args.model, engine_config(args))
+        config = engine_config(args)
+        if notice := compile_notice(config):
+            print(f"dex generate: {notice}", file=sys.stderr, flush=True)
+        engine = DexEngine.load(args.model, config)
     except (ModelLoadError, ValueError) as exc:
         print(f"dex generate: error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import signal
 
 from dexserve.commands.options import add_queue_arguments, add_telemetry_arguments, queue_from_args, telemetry_from_args
 from dexserve.launch.engine_options import add_engine_arguments as add_dex_engine_arguments
-from dexserve.launch.engine_options import engine_config
+from dexserve.launch.engine_options import compile_notice, engine_config
 from dexserve.launch.engine_options import engine_flags as dex_engine_flags
 from dexserve.kube.pod_guard import PodRef
 from dexserve.telemetry.endpoint import WORKER_METRICS_PORT
@@ -80,11 +80,8 @@ def run_worker(settings: WorkerSettings) -> int:
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     telemetry = start_worker_telemetry(settings.telemetry)   # /healthz is 503 until the engine has loaded
-    if settings.engine == "dex" and settings.engine_config.compile:
-        from dexserve.engine.executor import compile_cache_dir
-
-        log.info("worker %s loading the engine: its first start on a host compiles the explorer steps (minutes on "
-                 "CPU), later starts load them from %s", settings.consumer, compile_cache_dir())
+    if settings.engine == "dex" and (notice := compile_notice(settings.engine_config)):
+        log.info("worker %s loading the engine: %s", settings.consumer, notice)
     engine = make_engine(settings)
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     queue = WorkerQueue(client, settings.names, settings.queue, settings.consumer,
